@@ -1,0 +1,324 @@
+"""Base model parts: load them from a Hub id, a local diffusers folder or a single-file checkpoint,
+build the tiny offline test model, and attach LoRA adapters with peft.
+
+`tiny-sd15` is a random model with the real SD 1.5 layout (CLIP text encoder, KL VAE with four
+blocks, a UNet with three cross-attention down blocks) at toy widths. It is written once to a cache
+folder and then loaded through the same `from_pretrained` path as a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .events import TrainingError
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny-sd15",)
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def studio_home() -> Path:
+    """Root of the app's caches (tiny models, class images). DREAMBOOTH_STUDIO_HOME overrides."""
+    env = os.environ.get("DREAMBOOTH_STUDIO_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "dreambooth-studio"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny offline model
+# ---------------------------------------------------------------------------------------------
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE tokenizers (CLIP's too) use."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tiny_tokenizer():
+    """A CLIP tokenizer with a character-level vocabulary, generated here (no Hub)."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_level_alphabet():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
+    """Tiny random SD 1.5-architecture components, built offline in about a second."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,  # 8 latent pixels = 64 image pixels
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=32,
+        )
+    )
+    # The real SD 1.5 training schedule.
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def make_tiny_model(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """Save a tiny random model as a diffusers folder loadable by `from_pretrained`."""
+    from diffusers import StableDiffusionPipeline
+
+    from .fileio import atomic_directory
+
+    if arch != "sd15":
+        raise ValueError(f"arch: only 'sd15' is supported so far, got {arch!r}")
+    out = Path(out_dir)
+    parts = build_tiny_sd15(seed)
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    with atomic_directory(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "dreambooth_studio.json").write_text(json.dumps({"tiny": True, "arch": arch}) + "\n")
+    return out
+
+
+def tiny_model_dir(name: str) -> Path:
+    """The cached folder of a built-in tiny model, built on first use."""
+    arch = name.removeprefix("tiny-")
+    path = studio_home() / "models" / name
+    if not (path / "model_index.json").exists():
+        log.info("building %s in %s", name, path)
+        make_tiny_model(path, arch=arch)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "tiny", "local", "single_file" or "hub"
+    location: str  # folder, file or Hub id actually loaded
+    name: str  # what the user gave
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.kind == "tiny" or _is_tiny_folder(Path(self.location))
+
+
+def _is_tiny_folder(path: Path) -> bool:
+    marker = path / "dreambooth_studio.json"
+    try:
+        return bool(json.loads(marker.read_text()).get("tiny"))
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_base_model(base_model: str) -> ModelSource:
+    name = str(base_model).strip()
+    if name in TINY_MODELS:
+        return ModelSource("tiny", str(tiny_model_dir(name)), name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists() and not (path / "unet" / "config.json").exists():
+            raise TrainingError(
+                f"The folder {name} is not a diffusers model (no model_index.json); "
+                "pass a diffusers folder, a .safetensors checkpoint, a Hub id or tiny-sd15."
+            )
+        return ModelSource("local", str(path.resolve()), name)
+    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise TrainingError(f"The checkpoint file {name} does not exist.")
+        if path.suffix.lower() != ".safetensors":
+            raise TrainingError(
+                f"{path.name} is a pickle checkpoint, which can run code when loaded; "
+                "convert it to .safetensors first."
+            )
+        return ModelSource("single_file", str(path.resolve()), name)
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise TrainingError(f"The base model path {name} does not exist.")
+    return ModelSource("hub", name, name)
+
+
+def _offline_message(source: ModelSource, err: Exception) -> str:
+    return (
+        f"Could not load the base model '{source.name}' from the Hugging Face Hub "
+        f"(offline or not in the local cache: {type(err).__name__}); "
+        "pass a local diffusers folder or .safetensors file, or use tiny-sd15 to try the workflow offline."
+    )
+
+
+def load_components(
+    base_model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    single_file_config: str | None = None,
+) -> tuple[dict[str, Any], ModelSource]:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler.
+
+    Returns the parts and where they came from. Errors are TrainingError with one sentence.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_base_model(base_model)
+    if source.kind == "single_file":
+        return _load_single_file(source, dtype=dtype, config=single_file_config), source
+
+    loc = source.location
+    local_only = source.kind != "hub" or _hub_offline()
+    kw: dict[str, Any] = dict(local_files_only=local_only)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw)
+        scheduler = DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        if source.kind == "hub":
+            raise TrainingError(_offline_message(source, e)) from e
+        raise TrainingError(f"Could not load the base model from {loc}: {_first_line(e)}") from e
+    _check_sd15_layout(unet, text_encoder, source)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler), source
+
+
+def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    kw: dict[str, Any] = dict(torch_dtype=dtype, local_files_only=_hub_offline() or config is not None)
+    if config is not None:
+        kw["config"] = str(resolve_base_model(config).location)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(source.location, **kw)
+    except Exception as e:  # diffusers raises many types here (OSError, ValueError, KeyError)
+        raise TrainingError(
+            f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}; "
+            "offline, pass the matching diffusers config folder as single_file_config."
+        ) from e
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return dict(
+        tokenizer=pipe.tokenizer,
+        text_encoder=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet,
+        scheduler=scheduler,
+    )
+
+
+def _check_sd15_layout(unet, text_encoder, source: ModelSource) -> None:
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        raise TrainingError(
+            f"'{source.name}' is an SDXL model; SDXL training is not supported yet, use an SD 1.5 model."
+        )
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise TrainingError(f"'{source.name}' has a UNet and text encoder that do not match.")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def default_resolution(unet, vae) -> int:
+    return int(unet.config.sample_size) * vae_scale_factor(vae)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+def unet_lora_config(rank: int, alpha: float):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+
+
+def text_encoder_lora_config(rank: int, alpha: float):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+    )
+
+
+def add_lora(unet, text_encoder, *, rank: int, alpha: float, train_text_encoder: bool) -> None:
+    """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params."""
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(unet_lora_config(rank, alpha))
+    if train_text_encoder:
+        text_encoder.add_adapter(text_encoder_lora_config(rank, alpha))
+
+
+def lora_parameters(*models) -> list[torch.nn.Parameter]:
+    return [p for m in models for p in m.parameters() if p.requires_grad]

@@ -1,0 +1,278 @@
+"""The one training configuration: a frozen dataclass built by the CLI, the UI and the tests.
+
+Every field carries its help text (reused by the CLI's --help). Validation raises ValueError naming
+the field. Variations are made with `dataclasses.replace`, which re-runs validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SUBJECT_TYPES = ("person", "pet", "object", "style")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # what to train
+    instance_dir: str = _f("", "Folder of the subject's photos (a .txt beside an image is its caption).")
+    instance_prompt: str = _f("", "Prompt naming the subject with its rare token, e.g. 'a photo of sks dog'.")
+    output_dir: str = _f("", "Run folder: checkpoints, samples, metrics and the finished adapter go here.")
+    base_model: str = _f(
+        "tiny-sd15",
+        "Hub id, local diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 (offline test model).",
+    )
+    adapter_name: str | None = _f(None, "Name of the adapter (default: derived from the instance prompt).")
+    token: str | None = _f(
+        None, "The rare identifier in the instance prompt, e.g. 'sks' (default: the word not in the class prompt)."
+    )
+    # prior preservation
+    with_prior_preservation: bool = _f(False, "Train on class images too, so the model keeps its idea of the class.")
+    class_prompt: str | None = _f(None, "Prompt for the class images, e.g. 'a photo of a dog'.")
+    class_data_dir: str | None = _f(
+        None, "Folder of class images to use (topped up to num_class_images); default: the shared cache."
+    )
+    num_class_images: int = _f(100, "How many class images prior preservation uses.")
+    prior_loss_weight: float = _f(1.0, "Weight of the class (prior) loss against the instance loss.")
+    class_generation_steps: int = _f(25, "Sampler steps per generated class image (DPM-Solver++).")
+    class_generation_batch_size: int = _f(4, "Class images generated per batch.")
+    # LoRA
+    rank: int = _f(4, "LoRA rank (adapter size).")
+    alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank).")
+    train_text_encoder: bool = _f(False, "Also train a LoRA on the text encoder's attention.")
+    # data
+    resolution: int | None = _f(None, "Training resolution in pixels (default: the model's, 512 for SD 1.5).")
+    random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
+    # optimisation
+    max_train_steps: int = _f(400, "Optimizer steps to train.")
+    train_batch_size: int = _f(1, "Instance images per step (as many class images are added).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = _f(1e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("constant", f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.")
+    lr_warmup_steps: int = _f(0, "Warm-up steps of the learning-rate schedule.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (needs CUDA and bitsandbytes).")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is usual); off when unset.")
+    noise_offset: float = _f(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
+    prediction_type: str | None = _f(
+        None, "Training target: epsilon or v_prediction (default: the model's scheduler)."
+    )
+    # speed and memory
+    mixed_precision: str = _f("no", "Mixed precision: no, fp16 (CUDA) or bf16. LoRA weights stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    enable_xformers: bool = _f(False, "Use xformers attention (needs CUDA and xformers); default is SDPA.")
+    # reproducibility, logging, validation
+    seed: int = _f(0, "Seed for noise, timesteps, data order and class images.")
+    logging_steps: int = _f(1, "Report and log metrics every N steps.")
+    validation_prompt: str | None = _f(
+        None, "Prompt for validation images, made with and without the token (default: instance prompt)."
+    )
+    validation_steps: int = _f(0, "Make validation images every N steps (0: only at the end).")
+    num_validation_images: int = _f(1, "Validation images per prompt.")
+    validation_inference_steps: int = _f(25, "Sampler steps for validation images.")
+    # checkpoints
+    checkpointing_steps: int = _f(100, "Save a resumable checkpoint every N steps (0: never).")
+    checkpoints_total_limit: int | None = _f(3, "Keep only the newest N checkpoints (unset: keep all).")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from.")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why}")
+
+        if not self.instance_prompt or not self.instance_prompt.strip():
+            raise bad("instance_prompt", "must contain text, e.g. 'a photo of sks dog'")
+        if not self.base_model or not str(self.base_model).strip():
+            raise bad("base_model", "must name a Hub id, a local folder, a .safetensors file or tiny-sd15")
+        if self.with_prior_preservation and not (self.class_prompt and self.class_prompt.strip()):
+            raise bad("class_prompt", "prior preservation needs a class prompt, e.g. 'a photo of a dog'")
+        if self.token is not None and self.token.lower() not in _words(self.instance_prompt):
+            raise bad("token", f"{self.token!r} does not appear in the instance prompt")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
+        _positive_ints = (
+            "rank",
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "num_class_images",
+            "class_generation_steps",
+            "class_generation_batch_size",
+            "logging_steps",
+            "num_validation_images",
+            "validation_inference_steps",
+        )
+        for name in _positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, f"must be an integer >= 1, got {value!r}")
+        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(name, f"must be an integer >= 0, got {value!r}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise bad("checkpoints_total_limit", "must be >= 1 or unset")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise bad("alpha", f"must be a positive number, got {self.alpha}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise bad("learning_rate", f"must be a positive number, got {self.learning_rate}")
+        if not (self.prior_loss_weight >= 0 and math.isfinite(self.prior_loss_weight)):
+            raise bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise bad("snr_gamma", f"must be > 0 or unset, got {self.snr_gamma}")
+        if not 0 <= self.noise_offset < 1:
+            raise bad("noise_offset", f"must be in [0, 1), got {self.noise_offset}")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", "must be >= 0")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise bad("prediction_type", f"must be one of {', '.join(PREDICTION_TYPES)}")
+
+    # derived values
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def effective_validation_prompt(self) -> str:
+        return self.validation_prompt or self.instance_prompt
+
+    @property
+    def identifier_token(self) -> str | None:
+        """The subject's trigger word: `token`, else the first instance-prompt word the class prompt lacks."""
+        if self.token:
+            return self.token
+        if not self.class_prompt:
+            return None
+        class_words = set(_words(self.class_prompt))
+        extra = [w for w in _words(self.instance_prompt) if w not in class_words]
+        return extra[0] if extra else None
+
+    def prompt_without_token(self, prompt: str) -> str | None:
+        token = self.identifier_token
+        if not token or token.lower() not in _words(prompt):
+            return None
+        return " ".join(w for w in prompt.split() if w.strip(",.").lower() != token.lower())
+
+    # JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown config key (known keys: see --help)")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("config: a JSON object is expected")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def save(self, path: str | Path) -> None:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(",.").lower() for w in text.split()]
+
+
+def field_help(name: str) -> str:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
+# Presets: sensible starting points per kind of subject, scaled by the number of photos.
+# Steps follow the common rule of thumb of ~80-100 steps per photo at batch 1, clamped so a
+# handful of photos still trains long enough and twenty do not overfit.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "person": dict(steps_per_image=100, min_steps=500, max_steps=1600, rank=16, learning_rate=1e-4,
+                   prior=True, class_noun="person", class_images_per_photo=20, prior_loss_weight=1.0),
+    "pet": dict(steps_per_image=80, min_steps=400, max_steps=1200, rank=8, learning_rate=1e-4,
+                prior=True, class_noun="dog", class_images_per_photo=15, prior_loss_weight=1.0),
+    "object": dict(steps_per_image=80, min_steps=400, max_steps=1200, rank=8, learning_rate=1e-4,
+                   prior=True, class_noun="object", class_images_per_photo=10, prior_loss_weight=1.0),
+    # A style has no single class to preserve; prior preservation is off by default.
+    "style": dict(steps_per_image=100, min_steps=600, max_steps=2000, rank=16, learning_rate=1e-4,
+                  prior=False, class_noun="style", class_images_per_photo=0, prior_loss_weight=0.0),
+}
+
+
+def preset_config(
+    subject_type: str,
+    num_images: int,
+    *,
+    token: str = "sks",
+    class_noun: str | None = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """A TrainConfig with steps, rank, learning rate and prior preservation set for the subject."""
+    if subject_type not in _PRESETS:
+        raise ValueError(f"subject_type: must be one of {', '.join(SUBJECT_TYPES)}, got {subject_type!r}")
+    if num_images < 1:
+        raise ValueError(f"num_images: at least one photo is needed, got {num_images}")
+    p = _PRESETS[subject_type]
+    noun = class_noun or p["class_noun"]
+    steps = max(p["min_steps"], min(p["max_steps"], p["steps_per_image"] * num_images))
+    if subject_type == "style":
+        instance_prompt, class_prompt = f"an image in the style of {token}", None
+    else:
+        instance_prompt, class_prompt = f"a photo of {token} {noun}", f"a photo of a {noun}"
+    values: dict[str, Any] = dict(
+        instance_prompt=instance_prompt,
+        token=token,
+        class_prompt=class_prompt,
+        with_prior_preservation=p["prior"],
+        num_class_images=max(100, p["class_images_per_photo"] * num_images) if p["prior"] else 100,
+        prior_loss_weight=p["prior_loss_weight"] if p["prior"] else 1.0,
+        rank=p["rank"],
+        learning_rate=p["learning_rate"],
+        max_train_steps=steps,
+        checkpointing_steps=max(100, steps // 4),
+        validation_steps=max(100, steps // 4),
+        lr_scheduler="constant",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

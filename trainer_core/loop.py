@@ -1,0 +1,583 @@
+"""The prior-preservation DreamBooth LoRA loop (SD 1.5), on accelerate.
+
+Read it top to bottom: `train()` loads the model, makes class images, caches VAE latents and prompt
+embeddings once, attaches LoRA, then runs the steps. Every random draw of a step (which photos,
+noise, timesteps, latent sample) comes from a generator seeded by (seed, micro-step, process), so a
+run stopped and resumed from a checkpoint takes exactly the steps an unbroken run takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import adapters, checkpoints
+from .class_images import class_cache_dir, generate_class_images
+from .components import add_lora, default_resolution, load_components, lora_parameters
+from .config import TrainConfig
+from .data import Example, image_to_tensor, list_images, load_instance_examples, load_rgb
+from .events import (
+    CheckpointSaved,
+    Emit,
+    Failed,
+    Finished,
+    Progress,
+    SamplesSaved,
+    ShouldStop,
+    StageStarted,
+    StepMetrics,
+    StopRequested,
+    TrainingError,
+    never_stop,
+    no_emit,
+)
+from .fileio import append_jsonl, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "stopped"
+    summary: dict[str, Any]
+    adapter_dir: Path | None
+    # The trained models (unwrapped, LoRA attached), for in-process callers and tests.
+    unet: Any = field(default=None, repr=False)
+    text_encoder: Any = field(default=None, repr=False)
+
+
+@dataclass
+class _Cache:
+    """Everything the steps need, computed once before the first step."""
+
+    instance_latent_dists: list[torch.Tensor]  # each (2, 4, h, w): mean and std, per flip variant
+    class_latent_dists: list[torch.Tensor]
+    instance_prompt_ids: list[int]  # index into prompts
+    class_prompt_id: int | None
+    prompts: list[str]
+    prompt_embeds: torch.Tensor | None  # (num_prompts, 77, dim) when the text encoder is frozen
+    prompt_input_ids: torch.Tensor  # (num_prompts, 77)
+    scaling_factor: float  # the VAE's latent scale
+
+
+def run_paths(output_dir: Path) -> dict[str, Path]:
+    return {
+        "config": output_dir / "config.json",
+        "status": output_dir / "status.json",
+        "metrics": output_dir / "metrics.jsonl",
+        "samples": output_dir / "samples",
+        "checkpoints": output_dir / "checkpoints",
+        "adapter": output_dir / "adapter",
+    }
+
+
+def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
+    atomic_write_json(path, {"status": status, "step": step, "total_steps": total, "message": message,
+                             "updated": time.time(), **extra})
+
+
+def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = never_stop) -> TrainResult:
+    """Train a DreamBooth LoRA as `config` says; report through `emit`; stop when `should_stop()`.
+
+    Raises TrainingError (one sentence for the user) on bad input, NaN loss or unusable settings;
+    the run folder, earlier checkpoints and photos are left as they were.
+    """
+    from accelerate import Accelerator
+
+    out = Path(config.output_dir)
+    paths = run_paths(out)
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingError("fp16 mixed precision needs a CUDA GPU; use bf16 or no mixed precision here.")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+    main = accelerator.is_main_process
+    if not main:
+        emit = no_emit
+    step = 0
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            config.save(paths["config"])
+            write_status(paths["status"], "running", 0, config.max_train_steps, "starting")
+        return _train(config, accelerator, paths, emit, should_stop)
+    except StopRequested as e:
+        if main:
+            write_status(paths["status"], "stopped", step, config.max_train_steps, str(e))
+        emit(Finished("stopped", {"steps": 0, "message": str(e)}))
+        return TrainResult("stopped", {"steps": 0, "message": str(e), "adapter_dir": None}, None)
+    except TrainingError as e:
+        if main:
+            write_status(paths["status"], "failed", getattr(e, "step", 0) or 0, config.max_train_steps, str(e))
+        emit(Failed(str(e), getattr(e, "step", None)))
+        raise
+    except torch.cuda.OutOfMemoryError as e:
+        msg = ("The GPU ran out of memory; lower the resolution or batch size, or turn on gradient "
+               "checkpointing and 8-bit Adam, then resume from the last checkpoint.")
+        if main:
+            write_status(paths["status"], "failed", 0, config.max_train_steps, msg)
+        emit(Failed(msg))
+        raise TrainingError(msg) from e
+    finally:
+        accelerator.end_training()
+
+
+def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit, should_stop: ShouldStop):
+    main = accelerator.is_main_process
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # 1. Resume compatibility is checked before anything slow happens.
+    resume_state = None
+    if config.resume_from_checkpoint:
+        ckpt_path = checkpoints.find_checkpoint(paths["checkpoints"], config.resume_from_checkpoint)
+        resume_state = (ckpt_path, *checkpoints.load_checkpoint(ckpt_path))
+        checkpoints.check_resume_compatible(resume_state[1], _resume_identity(config), ckpt_path)
+
+    # 2. Base model parts, all frozen.
+    emit(StageStarted("load", f"loading {config.base_model}"))
+    parts, source = load_components(config.base_model)
+    tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
+    noise_scheduler = parts["scheduler"]
+    if config.prediction_type:
+        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False)
+        m.eval()
+    resolution = config.resolution or default_resolution(unet, vae)
+    examples = load_instance_examples(config.instance_dir, config.instance_prompt)
+
+    # 3. Class images (generated by the base model before any LoRA is attached).
+    class_paths: list[Path] = []
+    if config.with_prior_preservation:
+        class_paths = _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop)
+
+    # 4. Latents and prompt embeddings, computed once; then the VAE leaves the device.
+    cache = _build_cache(config, examples, class_paths, tokenizer, text_encoder, vae, resolution, device, emit)
+    vae.to("cpu")
+    if not config.train_text_encoder:
+        text_encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # 5. LoRA on the UNet attention (and optionally the text encoder); LoRA params stay fp32.
+    add_lora(unet, text_encoder, rank=config.rank, alpha=config.lora_alpha,
+             train_text_encoder=config.train_text_encoder)
+    # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
+    unet.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    if config.train_text_encoder:
+        text_encoder.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+
+    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+    cast_training_params(trained, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if config.enable_xformers:
+        _enable_xformers(unet)
+
+    params = lora_parameters(*trained)
+    optimizer = _make_optimizer(config, params)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_train_steps,
+    )
+    # The lr scheduler is stepped by hand once per optimizer step, so it is not prepared.
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    global_step, seconds_before = 0, 0.0
+    if resume_state is not None:
+        ckpt_path, state, lora_state, optimizer_state, scheduler_state = resume_state
+        _load_lora_state(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), lora_state)
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
+        global_step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
+        emit(StageStarted("train", f"resumed from {ckpt_path.name} at step {global_step}"))
+
+    # 6. The steps.
+    emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
+    world, rank_ = accelerator.num_processes, accelerator.process_index
+    batch = config.train_batch_size
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stopped = False
+    unet.train()
+    if config.train_text_encoder:
+        text_encoder.train()
+    if main:
+        write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
+    while global_step < config.max_train_steps:
+        sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
+        for micro in range(config.gradient_accumulation_steps):
+            # One generator per (micro-step, process): resumable and different on each GPU.
+            micro_index = global_step * config.gradient_accumulation_steps + micro
+            gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
+            slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
+            with accelerator.accumulate(*trained):
+                latents, prompt_embeds = _make_batch(cache, slots, config, gen, device, weight_dtype,
+                                                     text_encoder if config.train_text_encoder else None)
+                # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim)
+                noise = torch.randn(latents.shape, generator=gen).to(device)
+                if config.noise_offset:
+                    noise += config.noise_offset * torch.randn(
+                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(device)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          generator=gen).to(device)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                else:
+                    target = noise
+                noise_pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds).sample
+                # Per-sample MSE, optionally min-SNR weighted; instance and class halves apart.
+                per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if config.snr_gamma is not None:
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    weights = torch.clamp(snr, max=config.snr_gamma) / snr
+                    if noise_scheduler.config.prediction_type == "v_prediction":
+                        weights = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
+                    per_sample = per_sample * weights
+                if config.with_prior_preservation:
+                    instance_loss, prior_loss = per_sample[:batch].mean(), per_sample[batch:].mean()
+                    loss = instance_loss + config.prior_loss_weight * prior_loss
+                else:
+                    instance_loss, prior_loss = per_sample.mean(), torch.zeros((), device=device)
+                    loss = instance_loss
+                # A NaN/inf loss stops the run before it can reach the weights or a saved file.
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
+                if finite.item() < 1:
+                    err = TrainingError(
+                        f"The loss became NaN or infinite at step {global_step + 1}; lower the learning rate "
+                        "(or use bf16 instead of fp16) and resume from the last checkpoint."
+                    )
+                    err.step = global_step + 1
+                    raise err
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            stacked = torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]).float()
+            stacked = accelerator.reduce(stacked, "mean")
+            for key, value in zip(sums, stacked.tolist(), strict=True):
+                sums[key] += value / config.gradient_accumulation_steps
+        lr_now = lr_scheduler.get_last_lr()[0]
+        lr_scheduler.step()
+        global_step += 1
+        last = sums
+        seconds = seconds_before + time.perf_counter() - t0
+
+        if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
+            prior = sums["prior_loss"] if config.with_prior_preservation else None
+            metrics = StepMetrics(global_step, config.max_train_steps, sums["loss"], sums["instance_loss"],
+                                  prior, lr_now, round(seconds, 3))
+            if main:
+                append_jsonl(paths["metrics"], {"step": global_step, "loss": sums["loss"],
+                                                "instance_loss": sums["instance_loss"], "prior_loss": prior,
+                                                "lr": lr_now, "seconds": round(seconds, 3)})
+            emit(metrics)
+        stop_now = should_stop()
+        if config.checkpointing_steps and (global_step % config.checkpointing_steps == 0 or stop_now):
+            _save_checkpoint(config, accelerator, paths, global_step, unet, text_encoder, optimizer,
+                             lr_scheduler, seconds, emit)
+        if (config.validation_steps and global_step % config.validation_steps == 0
+                and global_step < config.max_train_steps):
+            _validate(config, accelerator, paths, global_step, unet, text_encoder, vae, tokenizer,
+                      noise_scheduler, resolution, emit)
+        if stop_now:
+            stopped = True
+            break
+
+    # 7. Final samples and the adapter.
+    unet_model = accelerator.unwrap_model(unet)
+    te_model = accelerator.unwrap_model(text_encoder)
+    seconds = seconds_before + time.perf_counter() - t0
+    status = "stopped" if stopped else "finished"
+    adapter_dir = None
+    if global_step > 0:
+        sample_dir = _validate(config, accelerator, paths, global_step, unet, text_encoder, vae, tokenizer,
+                               noise_scheduler, resolution, emit)
+        if main:
+            emit(StageStarted("save", "saving the adapter"))
+            name = config.adapter_name or adapters.default_adapter_name(config.instance_prompt)
+            adapter_dir = adapters.save_adapter(
+                paths["adapter"], unet=unet_model,
+                text_encoder=te_model if config.train_text_encoder else None, name=name,
+                metadata={
+                    "base_model": config.base_model, "instance_prompt": config.instance_prompt,
+                    "token": config.identifier_token, "class_prompt": config.class_prompt,
+                    "with_prior_preservation": config.with_prior_preservation, "steps": global_step,
+                    "resolution": resolution, "final_loss": last.get("loss"),
+                    "final_instance_loss": last.get("instance_loss"),
+                    "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
+                },
+                config_json=config.to_json(), metrics_file=paths["metrics"], samples_dir=sample_dir,
+            )
+    accelerator.wait_for_everyone()
+    summary = {
+        "status": status,
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "run_dir": str(paths["config"].parent),
+        "steps": global_step,
+        "final_loss": last.get("loss"),
+        "final_instance_loss": last.get("instance_loss"),
+        "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if torch.cuda.is_available():
+        summary["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if main:
+        write_status(paths["status"], status, global_step, config.max_train_steps,
+                     "stopped by request" if stopped else "done", summary=summary)
+    emit(Finished(status, summary))
+    return TrainResult(status, summary, adapter_dir, unet=unet_model, text_encoder=te_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (stable across runs and processes)."""
+    h = 0x9E3779B97F4A7C15
+    for n in numbers:
+        h = ((h ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _resume_identity(config: TrainConfig) -> dict[str, Any]:
+    return {"base_model": config.base_model, "rank": config.rank, "alpha": config.lora_alpha,
+            "train_text_encoder": config.train_text_encoder}
+
+
+def _make_pipeline(parts_or_models: dict[str, Any]):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts_or_models["vae"], text_encoder=parts_or_models["text_encoder"],
+        tokenizer=parts_or_models["tokenizer"], unet=parts_or_models["unet"],
+        scheduler=parts_or_models["scheduler"], safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop) -> list[Path]:
+    if config.class_data_dir:
+        class_dir = Path(config.class_data_dir)
+    else:
+        class_dir = class_cache_dir(f"{source.kind}:{source.location}", config.class_prompt, resolution)
+    if accelerator.is_main_process:
+        def factory():
+            pipe = _make_pipeline(parts)
+            return pipe.to(accelerator.device)
+
+        generate_class_images(
+            factory, config.class_prompt, class_dir, config.num_class_images, resolution=resolution,
+            seed=config.seed, num_inference_steps=config.class_generation_steps,
+            batch_size=config.class_generation_batch_size, emit=emit, should_stop=should_stop,
+        )
+    accelerator.wait_for_everyone()
+    found = list_images(class_dir)[: config.num_class_images]
+    if len(found) < config.num_class_images:
+        raise TrainingError(f"Only {len(found)} class images in {class_dir}, {config.num_class_images} needed.")
+    return found
+
+
+@torch.no_grad()
+def _build_cache(config, examples: list[Example], class_paths: list[Path], tokenizer, text_encoder, vae,
+                 resolution: int, device, emit) -> _Cache:
+    emit(StageStarted("cache", "encoding photos and prompts once", total=len(examples) + len(class_paths)))
+    vae.to(device)
+    flips = (False, True) if config.random_flip else (False,)
+
+    def encode(paths: list[Path], done_before: int) -> list[torch.Tensor]:
+        dists = []
+        for i, p in enumerate(paths):
+            image = load_rgb(p)
+            pixels = torch.stack([image_to_tensor(image, resolution, flip=f) for f in flips]).to(device)
+            dist = vae.encode(pixels).latent_dist
+            latent_params = torch.stack([dist.mean, dist.std], dim=1).cpu()  # (flips, 2, 4, h, w)
+            if not torch.isfinite(latent_params).all():
+                raise TrainingError(f"The VAE produced NaN for {p.name}; re-export the image and try again.")
+            dists.append(latent_params)
+            emit(Progress("cache", done_before + i + 1, len(examples) + len(class_paths)))
+        return dists
+
+    instance = encode([e.path for e in examples], 0)
+    klass = encode(class_paths, len(examples))
+    prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
+    input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    embeds = None
+    if not config.train_text_encoder:
+        text_encoder.to(device)
+        embeds = text_encoder(input_ids.to(device))[0].float().cpu()
+    return _Cache(
+        instance_latent_dists=instance, class_latent_dists=klass,
+        instance_prompt_ids=[prompts.index(e.prompt) for e in examples],
+        class_prompt_id=prompts.index(config.class_prompt) if class_paths else None,
+        prompts=prompts, prompt_embeds=embeds, prompt_input_ids=input_ids,
+        scaling_factor=float(vae.config.scaling_factor),
+    )
+
+
+def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
+    """Item for a sample slot: a fresh shuffled order each epoch (seeded), plus a flip coin."""
+    epoch, pos = divmod(slot, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, salt, epoch)))
+    flip = bool(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(_mix(seed, salt, slot))))
+    return int(order[pos]), flip
+
+
+def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoder):
+    latents, prompt_ids = [], []
+    sources = [(cache.instance_latent_dists, cache.instance_prompt_ids, 1)]
+    if config.with_prior_preservation:
+        sources.append((cache.class_latent_dists, None, 2))
+    # Collate order matters: all instance samples first, then all class samples.
+    for dists, ids, salt in sources:
+        for slot in slots:
+            index, flip = _pick(len(dists), slot, config.seed, salt)
+            params = dists[index][1 if (flip and config.random_flip) else 0]  # (2, 4, h, w)
+            mean, std = params[0], params[1]
+            sample = mean + std * torch.randn(mean.shape, generator=gen)
+            latents.append(sample * cache.scaling_factor)
+            prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
+    latents_t = torch.stack(latents).to(device)
+    if text_encoder is None:
+        prompt_embeds = cache.prompt_embeds[prompt_ids].to(device, dtype=weight_dtype)
+    else:
+        prompt_embeds = text_encoder(cache.prompt_input_ids[prompt_ids].to(device))[0]
+    return latents_t, prompt_embeds
+
+
+def _make_optimizer(config: TrainConfig, params):
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _enable_xformers(unet) -> None:
+    if not torch.cuda.is_available():
+        raise TrainingError("xformers attention needs a CUDA GPU; turn it off to use PyTorch's SDPA attention.")
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError) as e:
+        raise TrainingError(f"xformers is not usable here ({e}); turn it off to use SDPA attention.") from e
+
+
+def _lora_state_for_checkpoint(unet, text_encoder, with_te: bool) -> dict[str, torch.Tensor]:
+    state = {f"unet.{k}": v for k, v in adapters.peft_lora_state(unet).items()}
+    if with_te:
+        state.update({f"text_encoder.{k}": v for k, v in adapters.peft_lora_state(text_encoder).items()})
+    return state
+
+
+def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            continue
+        result = set_peft_model_state_dict(model, part)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise TrainingError(f"The checkpoint does not match this model ({len(unexpected)} unknown LoRA keys).")
+
+
+def _save_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler,
+                     seconds, emit) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        emit(StageStarted("save", f"saving checkpoint {step}"))
+        path = checkpoints.save_checkpoint(
+            paths["checkpoints"], step,
+            lora_state=_lora_state_for_checkpoint(accelerator.unwrap_model(unet),
+                                                  accelerator.unwrap_model(text_encoder),
+                                                  config.train_text_encoder),
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=lr_scheduler.state_dict(),
+            state={**_resume_identity(config), "seconds": seconds, "max_train_steps": config.max_train_steps},
+            total_limit=config.checkpoints_total_limit,
+        )
+        emit(CheckpointSaved(step, str(path)))
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def _validate(config, accelerator, paths, step, unet, text_encoder, vae, tokenizer, noise_scheduler,
+              resolution, emit):
+    """Validation images with and without the token, same seeds at every step so they compare."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    emit(StageStarted("validate", f"validation images at step {step}"))
+    unet_model = accelerator.unwrap_model(unet)
+    te_model = accelerator.unwrap_model(text_encoder)
+    device = accelerator.device
+    te_device = next(te_model.parameters()).device
+    vae.to(device)
+    te_model.to(device)
+    unet_model.eval()
+    te_model.eval()
+    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+    pipe = _make_pipeline(dict(vae=vae, text_encoder=te_model, tokenizer=tokenizer, unet=unet_model,
+                               scheduler=scheduler))
+    out_dir = paths["samples"] / f"step-{step:06d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompt = config.effective_validation_prompt
+    variants = [("with", prompt)]
+    plain = config.prompt_without_token(prompt)
+    if plain:
+        variants.append(("without", plain))
+    saved = []
+    autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else contextlib.nullcontext()
+    with autocast:
+        for label, text in variants:
+            for i in range(config.num_validation_images):
+                image = pipe(text, num_inference_steps=config.validation_inference_steps, height=resolution,
+                             width=resolution,
+                             generator=torch.Generator().manual_seed(config.seed + i)).images[0]
+                target = out_dir / f"{label}-token-{i}.png"
+                image.save(target)
+                saved.append(str(target))
+    vae.to("cpu")
+    te_model.to(te_device)
+    unet_model.train()
+    if config.train_text_encoder:
+        te_model.train()
+    emit(SamplesSaved(step, saved))
+    return out_dir
+
+
