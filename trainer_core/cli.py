@@ -1,0 +1,229 @@
+"""`python -m trainer_core ...`: make-tiny-model, train, generate.
+
+Progress goes to stderr (drawn here from the engine's events); `train` ends stdout with one JSON
+line. Bad arguments or input exit non-zero with one line, never a traceback. Ctrl-C during
+training asks the engine to stop: it saves a checkpoint and a usable adapter, then exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _train_fields() -> list[dataclasses.Field]:
+    from .config import TrainConfig
+
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, help text from the field; unset flags are not sent."""
+    p.add_argument("--config", metavar="FILE.json", help="Start from this config file; flags override it.")
+    for f in _train_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+        p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                       metavar=f.name.upper() if kind is str else None)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            values = TrainConfig.load(args.config).to_dict()
+        except OSError as e:
+            raise ValueError(f"config: cannot read {args.config} ({e.strerror})") from None
+    given = {f.name: getattr(args, f.name) for f in _train_fields() if hasattr(args, f.name)}
+    # A class prompt on the command line turns prior preservation on unless told otherwise.
+    if given.get("class_prompt") and "with_prior_preservation" not in given:
+        given["with_prior_preservation"] = True
+    values.update(given)
+    for required in ("instance_dir", "instance_prompt", "output_dir"):
+        if not values.get(required):
+            raise ValueError(f"{required}: --{required.replace('_', '-')} is required")
+    return TrainConfig.from_dict(values)
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class _ProgressPrinter:
+    """Draws the engine's events on stderr: a tqdm bar per stage with a total, lines otherwise."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        from . import events as ev
+
+        if isinstance(event, ev.StageStarted):
+            self._close()
+            if event.total:
+                self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, dynamic_ncols=True)
+            else:
+                print(f"[{event.stage}] {event.message}", file=sys.stderr)
+        elif isinstance(event, ev.Progress) and self.bar is not None:
+            self.bar.n = event.current
+            self.bar.refresh()
+        elif isinstance(event, ev.StepMetrics):
+            if self.bar is not None:
+                self.bar.n = event.step
+                post = {"loss": f"{event.loss:.4f}", "inst": f"{event.instance_loss:.4f}"}
+                if event.prior_loss is not None:
+                    post["prior"] = f"{event.prior_loss:.4f}"
+                self.bar.set_postfix(post, refresh=True)
+        elif isinstance(event, ev.CheckpointSaved | ev.SamplesSaved):
+            if self.bar is not None:
+                self.bar.write(f"step {event.step}: {type(event).__name__}", file=sys.stderr)
+        elif isinstance(event, ev.Finished | ev.Failed):
+            self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .components import make_tiny_model
+
+    out = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed)
+    print(json.dumps({"model_dir": str(out), "arch": args.arch}))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .loop import train
+
+    config = _config_from_args(args)
+    _quiet_libraries()
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(config, emit=_ProgressPrinter(), should_stop=lambda: stop["requested"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0:
+        print(json.dumps(result.summary, sort_keys=True), flush=True)
+    return EXIT_STOPPED if result.status == "stopped" else 0
+
+
+def cmd_generate(args) -> int:
+    from .inference import apply_adapters, generate, load_pipeline
+
+    weights = None
+    if args.adapter_weights:
+        try:
+            weights = [float(w) for w in args.adapter_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"adapter_weights: expected numbers like 1.0,0.5, got {args.adapter_weights!r}") \
+                from None
+    if not str(args.out).lower().endswith(".png"):
+        raise ValueError(f"out: the output file must end in .png, got {args.out}")
+    _quiet_libraries()
+    pipe = load_pipeline(args.base_model, scheduler=args.scheduler)
+    names = apply_adapters(pipe, args.adapter or [], weights)
+    images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, width=args.width, height=args.height)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out)
+    print(json.dumps({"out": str(out), "adapters": names, "seed": args.seed}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m trainer_core", description="DreamBooth LoRA training and generation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("make-tiny-model", help="Save a tiny random model (offline; produces noise) for tests.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--arch", choices=["sd15"], default="sd15", help="Architecture (sd15).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("train", help="Train a DreamBooth LoRA adapter; prints a JSON summary last.",
+                       description="Train a DreamBooth LoRA. A --class-prompt turns on prior preservation.")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="Generate an image with the base model and optional adapters.")
+    p.add_argument("--base-model", required=True, help="Hub id, local folder, .safetensors file or tiny-sd15.")
+    p.add_argument("--adapter", action="append", metavar="DIR", help="Adapter folder (repeatable).")
+    p.add_argument("--adapter-weights", metavar="W,W", help="Comma-separated weights, one per --adapter.")
+    p.add_argument("--prompt", required=True, help="What to draw; use the adapter's trigger word.")
+    p.add_argument("--negative-prompt", default=None, help="What to avoid.")
+    p.add_argument("--seed", type=int, default=0, help="Seed; the same seed repeats the image.")
+    p.add_argument("--steps", type=int, default=25, help="Sampler steps.")
+    p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale.")
+    p.add_argument("--width", type=int, default=None, help="Width in pixels (default: the model's).")
+    p.add_argument("--height", type=int, default=None, help="Height in pixels (default: the model's).")
+    p.add_argument("--scheduler", choices=["dpm++", "euler_a", "ddim"], default="dpm++", help="Sampler.")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="Where to write the image.")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .events import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: aborted; the last checkpoint and your photos are kept.", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
