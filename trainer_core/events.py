@@ -79,3 +79,7 @@ class StopRequested(Exception):
 
 class TrainingError(Exception):
     """A failure the user can act on; its message is one plain sentence for them."""
+
+    def __init__(self, message: str, *, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

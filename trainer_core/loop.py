@@ -117,8 +117,8 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         return TrainResult("stopped", {"steps": 0, "message": str(e), "adapter_dir": None}, None)
     except TrainingError as e:
         if main:
-            write_status(paths["status"], "failed", getattr(e, "step", 0) or 0, config.max_train_steps, str(e))
-        emit(Failed(str(e), getattr(e, "step", None)))
+            write_status(paths["status"], "failed", e.step or 0, config.max_train_steps, str(e))
+        emit(Failed(str(e), e.step))
         raise
     except torch.cuda.OutOfMemoryError as e:
         msg = ("The GPU ran out of memory; lower the resolution or batch size, or turn on gradient "
@@ -261,12 +261,11 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 # A NaN/inf loss stops the run before it can reach the weights or a saved file.
                 finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
                 if finite.item() < 1:
-                    err = TrainingError(
+                    raise TrainingError(
                         f"The loss became NaN or infinite at step {global_step + 1}; lower the learning rate "
-                        "(or use bf16 instead of fp16) and resume from the last checkpoint."
+                        "(or use bf16 instead of fp16) and resume from the last checkpoint.",
+                        step=global_step + 1,
                     )
-                    err.step = global_step + 1
-                    raise err
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -292,7 +291,8 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                                                 "lr": lr_now, "seconds": round(seconds, 3)})
             emit(metrics)
         stop_now = should_stop()
-        if config.checkpointing_steps and (global_step % config.checkpointing_steps == 0 or stop_now):
+        # A stop always leaves a resumable checkpoint, whatever the checkpoint interval.
+        if stop_now or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
             _save_checkpoint(config, accelerator, paths, global_step, unet, text_encoder, optimizer,
                              lr_scheduler, seconds, emit)
         if (config.validation_steps and global_step % config.validation_steps == 0
@@ -519,18 +519,30 @@ def _save_checkpoint(config, accelerator, paths, step, unet, text_encoder, optim
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         emit(StageStarted("save", f"saving checkpoint {step}"))
-        path = checkpoints.save_checkpoint(
-            paths["checkpoints"], step,
-            lora_state=_lora_state_for_checkpoint(accelerator.unwrap_model(unet),
-                                                  accelerator.unwrap_model(text_encoder),
-                                                  config.train_text_encoder),
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=lr_scheduler.state_dict(),
-            state={**_resume_identity(config), "seconds": seconds, "max_train_steps": config.max_train_steps},
-            total_limit=config.checkpoints_total_limit,
-        )
+        try:
+            path = _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer,
+                                     lr_scheduler, seconds)
+        except OSError as e:
+            raise TrainingError(
+                f"Could not save checkpoint {step} ({e.strerror or e}); free disk space and resume: "
+                "the previous checkpoint is kept.",
+                step=step,
+            ) from e
         emit(CheckpointSaved(step, str(path)))
     accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds):
+    return checkpoints.save_checkpoint(
+        paths["checkpoints"], step,
+        lora_state=_lora_state_for_checkpoint(accelerator.unwrap_model(unet),
+                                              accelerator.unwrap_model(text_encoder),
+                                              config.train_text_encoder),
+        optimizer_state=optimizer.state_dict(),
+        scheduler_state=lr_scheduler.state_dict(),
+        state={**_resume_identity(config), "seconds": seconds, "max_train_steps": config.max_train_steps},
+        total_limit=config.checkpoints_total_limit,
+    )
 
 
 @torch.no_grad()

@@ -1,0 +1,23 @@
+"""Layering: the engine never imports gradio, and importing it is cheap."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_core_never_imports_gradio():
+    for path in (ROOT / "trainer_core").rglob("*.py"):
+        text = path.read_text()
+        assert "import gradio" not in text and "from gradio" not in text, path
+    code = (
+        "import sys, trainer_core.cli, trainer_core.loop, trainer_core.inference, trainer_core.adapters;"
+        "assert 'gradio' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, trainer_core, trainer_core.config, trainer_core.events; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
