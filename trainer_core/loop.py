@@ -170,6 +170,10 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         torch.cuda.empty_cache()
 
     # 5. LoRA on the UNet attention (and optionally the text encoder); LoRA params stay fp32.
+    # peft draws lora_A from torch's global RNG: seed it, or one seed gives different runs.
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
     add_lora(unet, text_encoder, rank=config.rank, alpha=config.lora_alpha,
              train_text_encoder=config.train_text_encoder)
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
