@@ -129,6 +129,20 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         raise TrainingError(msg) from e
     finally:
         accelerator.end_training()
+        _release_accelerator_state()
+
+
+def _release_accelerator_state() -> None:
+    """Forget this run's mixed precision and accumulation settings.
+
+    accelerate keeps them in process-wide singletons, so without this a second run in the same
+    process (the app's job runner, the tests) with another precision fails. The process group
+    (PartialState) is kept: under `accelerate launch` it belongs to the launcher.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit, should_stop: ShouldStop):
