@@ -84,6 +84,7 @@ def base_config(tiny_model: Path, photos: Path, out: Path, **overrides):
         alpha=8.0,  # alpha != rank: catches adapters that reload with the wrong scale
         checkpointing_steps=0,
         validation_inference_steps=2,
+        num_validation_images=0,
         seed=0,
     )
     values.update(overrides)
@@ -107,8 +108,12 @@ class Probe:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-            ids = tok([prompt] * len(paths), padding="max_length", max_length=tok.model_max_length,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                [prompt] * len(paths),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                return_tensors="pt",
+            ).input_ids
             self.prompt_embeds = te(ids)[0]
         self.noise = torch.randn(self.latents.shape, generator=g)
         self.timesteps = torch.randint(0, 1000, (len(paths),), generator=g)

@@ -30,15 +30,25 @@ def _stop_after(n):
 
 
 def test_stop_and_resume_equals_straight_run(tiny_model, photos, class_dir, tmp_path):
-    cfg = base_config(tiny_model, photos, tmp_path / "straight", class_data_dir=str(class_dir),
-                      max_train_steps=8, gradient_accumulation_steps=2, lr_scheduler="cosine",
-                      lr_warmup_steps=2, checkpointing_steps=0)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "straight",
+        class_data_dir=str(class_dir),
+        max_train_steps=8,
+        gradient_accumulation_steps=2,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        checkpointing_steps=0,
+    )
     straight = train(cfg)
 
     split_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"))
     first = train(split_cfg, should_stop=_stop_after(4))
     assert first.status == "stopped" and first.summary["steps"] == 4
-    assert (tmp_path / "split" / "adapter" / "pytorch_lora_weights.safetensors").is_file(), "stop saves an adapter"
+    assert (tmp_path / "split" / "adapter" / "pytorch_lora_weights.safetensors").is_file(), (
+        "stop saves an adapter"
+    )
     assert json.loads((tmp_path / "split" / "status.json").read_text())["status"] == "stopped"
     second = train(dataclasses.replace(split_cfg, resume_from_checkpoint="latest"))
     assert second.status == "finished" and second.summary["steps"] == 8
@@ -52,8 +62,15 @@ def test_stop_and_resume_equals_straight_run(tiny_model, photos, class_dir, tmp_
 
 
 def test_rotation_keeps_newest_and_stray_names_are_ignored(tiny_model, photos, class_dir, tmp_path):
-    cfg = base_config(tiny_model, photos, tmp_path / "run", class_data_dir=str(class_dir), max_train_steps=8,
-                      checkpointing_steps=2, checkpoints_total_limit=2)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "run",
+        class_data_dir=str(class_dir),
+        max_train_steps=8,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
+    )
     train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-6", "checkpoint-8"]
@@ -64,13 +81,23 @@ def test_rotation_keeps_newest_and_stray_names_are_ignored(tiny_model, photos, c
 
 
 def test_resume_with_other_rank_or_base_is_refused(tiny_model, photos, class_dir, tmp_path):
-    cfg = base_config(tiny_model, photos, tmp_path / "run", class_data_dir=str(class_dir), max_train_steps=2,
-                      checkpointing_steps=2)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "run",
+        class_data_dir=str(class_dir),
+        max_train_steps=2,
+        checkpointing_steps=2,
+    )
     train(cfg)
     with pytest.raises(TrainingError, match="rank"):
         train(dataclasses.replace(cfg, rank=8, max_train_steps=4, resume_from_checkpoint="latest"))
     with pytest.raises(TrainingError, match="base_model"):
-        train(dataclasses.replace(cfg, base_model="tiny-sd15", max_train_steps=4, resume_from_checkpoint="latest"))
+        train(
+            dataclasses.replace(
+                cfg, base_model="tiny-sd15", max_train_steps=4, resume_from_checkpoint="latest"
+            )
+        )
     assert checkpoints.find_checkpoint(tmp_path / "run" / "checkpoints", "latest").name == "checkpoint-2"
 
 
@@ -85,8 +112,14 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model, photos, class_di
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    cfg = base_config(tiny_model, photos, tmp_path / "run", class_data_dir=str(class_dir), max_train_steps=6,
-                      checkpointing_steps=2)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "run",
+        class_data_dir=str(class_dir),
+        max_train_steps=6,
+        checkpointing_steps=2,
+    )
     with pytest.raises(TrainingError, match="No space left on device.*previous checkpoint is kept"):
         train(cfg)
     ckpts = tmp_path / "run" / "checkpoints"
@@ -99,7 +132,9 @@ def test_interrupted_save_keeps_previous_checkpoint(tiny_model, photos, class_di
     assert resumed.summary["steps"] == 6
 
 
-def test_nan_loss_stops_the_run_and_nothing_nan_is_saved(tiny_model, photos, class_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_the_run_and_nothing_nan_is_saved(
+    tiny_model, photos, class_dir, tmp_path, monkeypatch
+):
     from diffusers import UNet2DConditionModel
 
     real_forward = UNet2DConditionModel.forward
@@ -114,8 +149,14 @@ def test_nan_loss_stops_the_run_and_nothing_nan_is_saved(tiny_model, photos, cla
         return out
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward_with_nan)
-    cfg = base_config(tiny_model, photos, tmp_path / "run", class_data_dir=str(class_dir), max_train_steps=6,
-                      checkpointing_steps=2)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "run",
+        class_data_dir=str(class_dir),
+        max_train_steps=6,
+        checkpointing_steps=2,
+    )
     events = []
     with pytest.raises(TrainingError, match="NaN or infinite at step 3") as e:
         train(cfg, emit=events.append)

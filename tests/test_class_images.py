@@ -17,8 +17,9 @@ def pipe(tiny_model):
 
 
 def _gen(pipe, out, n, **kw):
-    return generate_class_images(lambda: pipe, "a photo of a dog", out, n, resolution=64,
-                                 num_inference_steps=3, batch_size=2, **kw)
+    return generate_class_images(
+        lambda: pipe, "a photo of a dog", out, n, resolution=64, num_inference_steps=3, batch_size=2, **kw
+    )
 
 
 def test_resumable_and_deterministic(pipe, tmp_path):

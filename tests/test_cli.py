@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args, check=True, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "trainer_core", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer_core", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
@@ -32,10 +38,33 @@ def cli_run(tmp_path_factory):
     made = cli("make-tiny-model", model)
     assert json.loads(made.stdout.strip().splitlines()[-1])["model_dir"] == str(model)
     photos = write_photos(tmp / "photos", n=3)
-    proc = cli("train", "--base-model", model, "--instance-dir", photos, "--instance-prompt", "a photo of sks dog",
-               "--output-dir", tmp / "run", "--class-prompt", "a photo of a dog", "--num-class-images", 4,
-               "--prior-loss-weight", 1.0, "--max-train-steps", 20, "--rank", 4, "--learning-rate", 1e-3,
-               "--seed", 0, "--checkpointing-steps", 10)
+    proc = cli(
+        "train",
+        "--base-model",
+        model,
+        "--instance-dir",
+        photos,
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--output-dir",
+        tmp / "run",
+        "--class-prompt",
+        "a photo of a dog",
+        "--num-class-images",
+        4,
+        "--prior-loss-weight",
+        1.0,
+        "--max-train-steps",
+        20,
+        "--rank",
+        4,
+        "--learning-rate",
+        1e-3,
+        "--seed",
+        0,
+        "--checkpointing-steps",
+        10,
+    )
     return dict(tmp=tmp, model=model, summary=json.loads(proc.stdout.strip().splitlines()[-1]), proc=proc)
 
 
@@ -44,8 +73,14 @@ def test_train_prints_json_summary_last(cli_run):
     assert summary["steps"] == 20 and summary["status"] == "finished"
     assert summary["final_loss"] > 0 and summary["seconds"] > 0
     adapter = Path(summary["adapter_dir"])
-    for name in ("pytorch_lora_weights.safetensors", "sks-dog.safetensors", "adapter.json", "config.json",
-                 "metrics.jsonl", "README.md"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "sks-dog.safetensors",
+        "adapter.json",
+        "config.json",
+        "metrics.jsonl",
+        "README.md",
+    ):
         assert (adapter / name).is_file(), name
     assert any((adapter / "samples").iterdir())
     assert "train" in cli_run["proc"].stderr  # progress went to stderr
@@ -60,8 +95,9 @@ def test_generate_with_and_without_adapter(cli_run):
     cli("generate", *common, "--out", tmp / "base.png")
     cli("generate", *common, "--adapter", adapter, "--out", tmp / "lora.png")
     cli("generate", *common, "--adapter", adapter, "--out", tmp / "lora-again.png")
-    base, lora, again = (np.asarray(Image.open(tmp / n), dtype=np.int16) for n in
-                         ("base.png", "lora.png", "lora-again.png"))
+    base, lora, again = (
+        np.asarray(Image.open(tmp / n), dtype=np.int16) for n in ("base.png", "lora.png", "lora-again.png")
+    )
     assert np.abs(base - lora).max() > 2, "the adapter must change the image"
     assert np.array_equal(lora, again), "the same seed repeats exactly"
 
@@ -70,10 +106,35 @@ def test_generate_with_and_without_adapter(cli_run):
     "args, fragment",
     [
         (["train", "--instance-dir", "x", "--output-dir", "y"], "instance_prompt"),
-        (["train", "--instance-dir", "x", "--instance-prompt", "a sks", "--output-dir", "y", "--rank", "0"], "rank"),
+        (
+            [
+                "train",
+                "--instance-dir",
+                "x",
+                "--instance-prompt",
+                "a sks",
+                "--output-dir",
+                "y",
+                "--rank",
+                "0",
+            ],
+            "rank",
+        ),
         (["train", "--bogus"], "unrecognized arguments"),
-        (["train", "--instance-dir", "/nonexistent", "--instance-prompt", "a sks", "--output-dir", "/tmp/o",
-          "--base-model", "/nonexistent/model"], "does not exist"),
+        (
+            [
+                "train",
+                "--instance-dir",
+                "/nonexistent",
+                "--instance-prompt",
+                "a sks",
+                "--output-dir",
+                "/tmp/o",
+                "--base-model",
+                "/nonexistent/model",
+            ],
+            "does not exist",
+        ),
         (["generate", "--base-model", "someone/not-cached", "--prompt", "x", "--out", "/tmp/x.png"], "Hub"),
         (["generate", "--base-model", "tiny-sd15", "--prompt", "x", "--out", "/tmp/x.jpg"], ".png"),
     ],

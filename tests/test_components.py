@@ -35,8 +35,9 @@ def test_hub_id_offline_fails_fast_with_a_sentence():
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "tiny-sd15" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("name, fragment", [("/no/such/folder", "does not exist"),
-                                            ("./missing.safetensors", "does not exist")])
+@pytest.mark.parametrize(
+    "name, fragment", [("/no/such/folder", "does not exist"), ("./missing.safetensors", "does not exist")]
+)
 def test_missing_paths(name, fragment):
     with pytest.raises(TrainingError, match=fragment):
         resolve_base_model(name)

@@ -45,7 +45,9 @@ def test_replace_revalidates():
 
 
 def test_json_round_trip_and_unknown_keys():
-    c = TrainConfig(**OK, class_prompt="a photo of a dog", with_prior_preservation=True, alpha=8.0, resolution=256)
+    c = TrainConfig(
+        **OK, class_prompt="a photo of a dog", with_prior_preservation=True, alpha=8.0, resolution=256
+    )
     assert TrainConfig.from_json(c.to_json()) == c
     data = json.loads(c.to_json())
     data["learning_rat"] = 1e-4
@@ -70,8 +72,9 @@ def test_derived_values():
 
 @pytest.mark.parametrize("subject", ["person", "pet", "object", "style"])
 def test_presets(subject):
-    few, many = preset_config(subject, 5, instance_dir="p", output_dir="o"), preset_config(
-        subject, 20, instance_dir="p", output_dir="o"
+    few, many = (
+        preset_config(subject, 5, instance_dir="p", output_dir="o"),
+        preset_config(subject, 20, instance_dir="p", output_dir="o"),
     )
     assert few.max_train_steps <= many.max_train_steps
     assert "sks" in few.instance_prompt

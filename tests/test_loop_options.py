@@ -35,13 +35,16 @@ def test_bf16_trains_lora_in_fp32_over_bf16_base(cfg):
 
 def test_gradient_checkpointing_gives_the_same_weights(cfg, tmp_path):
     plain = _lora(train(cfg))
-    ckpt = _lora(train(dataclasses.replace(cfg, output_dir=str(tmp_path / "gc"), gradient_checkpointing=True)))
+    ckpt = _lora(
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "gc"), gradient_checkpointing=True))
+    )
     for key in plain:
         torch.testing.assert_close(plain[key], ckpt[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("change", [dict(prediction_type="v_prediction"), dict(snr_gamma=0.1),
-                                    dict(noise_offset=0.1)])
+@pytest.mark.parametrize(
+    "change", [dict(prediction_type="v_prediction"), dict(snr_gamma=0.1), dict(noise_offset=0.1)]
+)
 def test_targets_and_weightings_change_the_loss(cfg, tmp_path, change):
     reference = train(cfg).summary
     other = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "other"), **change)).summary
@@ -50,9 +53,14 @@ def test_targets_and_weightings_change_the_loss(cfg, tmp_path, change):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
-@pytest.mark.parametrize("change, fragment", [(dict(mixed_precision="fp16"), "fp16"),
-                                              (dict(use_8bit_adam=True), "8-bit Adam"),
-                                              (dict(enable_xformers=True), "xformers")])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (dict(mixed_precision="fp16"), "fp16"),
+        (dict(use_8bit_adam=True), "8-bit Adam"),
+        (dict(enable_xformers=True), "xformers"),
+    ],
+)
 def test_cuda_only_options_fail_with_a_sentence(cfg, change, fragment):
     with pytest.raises(TrainingError, match=fragment):
         train(dataclasses.replace(cfg, **change))

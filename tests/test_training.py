@@ -23,8 +23,15 @@ def _fresh_pipeline(model_dir):
 @pytest.fixture(scope="module")
 def trained(tiny_model, photos, class_dir, tmp_path_factory):
     events = []
-    cfg = base_config(tiny_model, photos, tmp_path_factory.mktemp("run"), class_data_dir=str(class_dir),
-                      max_train_steps=20, validation_steps=10)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path_factory.mktemp("run"),
+        class_data_dir=str(class_dir),
+        max_train_steps=20,
+        validation_steps=10,
+        num_validation_images=1,
+    )
     probe = Probe(tiny_model, photos, cfg.instance_prompt)
     loss_before = probe.loss(probe.parts["unet"])
     from trainer_core.loop import train
@@ -38,8 +45,14 @@ def trained_te(tiny_model, photos, class_dir, tmp_path_factory):
     """Text-encoder LoRA too."""
     from trainer_core.loop import train
 
-    cfg = base_config(tiny_model, photos, tmp_path_factory.mktemp("run-te"), class_data_dir=str(class_dir),
-                      max_train_steps=8, train_text_encoder=True)
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path_factory.mktemp("run-te"),
+        class_data_dir=str(class_dir),
+        max_train_steps=8,
+        train_text_encoder=True,
+    )
     return dict(cfg=cfg, result=train(cfg))
 
 
@@ -48,17 +61,28 @@ def test_adapter_folder_is_as_specified(trained):
     assert result.status == "finished" and result.summary["steps"] == 20
     folder = result.adapter_dir
     names = {p.name for p in folder.iterdir()}
-    assert {"pytorch_lora_weights.safetensors", "sks-dog.safetensors", "adapter.json", "config.json",
-            "samples", "metrics.jsonl", "README.md"} <= names
+    assert {
+        "pytorch_lora_weights.safetensors",
+        "sks-dog.safetensors",
+        "adapter.json",
+        "config.json",
+        "samples",
+        "metrics.jsonl",
+        "README.md",
+    } <= names
     info = json.loads((folder / "adapter.json").read_text())
     assert info["rank"] == 4 and info["alpha"] == 8.0 and info["steps"] == 20
     assert info["token"] == "sks" and info["class_prompt"] == "a photo of a dog"
-    assert info["architecture"] == "sd15" and info["final_loss"] == pytest.approx(result.summary["final_loss"])
+    assert info["architecture"] == "sd15" and info["final_loss"] == pytest.approx(
+        result.summary["final_loss"]
+    )
     assert json.loads((folder / "config.json").read_text()) == json.loads(cfg.to_json())
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 21))
     for x in lines:
-        assert x["loss"] == pytest.approx(x["instance_loss"] + cfg.prior_loss_weight * x["prior_loss"], rel=1e-5)
+        assert x["loss"] == pytest.approx(
+            x["instance_loss"] + cfg.prior_loss_weight * x["prior_loss"], rel=1e-5
+        )
         assert x["lr"] > 0
     assert {p.name for p in (folder / "samples").iterdir()} == {"with-token-0.png", "without-token-0.png"}
     assert "sks" in (folder / "README.md").read_text()
@@ -140,7 +164,9 @@ def test_text_encoder_lora_round_trip(trained_te, tiny_model):
     te = result.text_encoder
     assert any("lora_" in k for k in te.state_dict())
     pipe = _fresh_pipeline(tiny_model)
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        ["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         base_out = pipe.text_encoder(ids)[0]
         te.eval()

@@ -34,7 +34,9 @@ def sanitize_name(name: str) -> str:
 
 
 def default_adapter_name(instance_prompt: str) -> str:
-    words = re.sub(r"^(a|an)\s+(photo|picture|image)\s+(of|in)\s+(the\s+)?", "", instance_prompt.strip(), flags=re.I)
+    words = re.sub(
+        r"^(a|an)\s+(photo|picture|image)\s+(of|in)\s+(the\s+)?", "", instance_prompt.strip(), flags=re.I
+    )
     return sanitize_name(words.replace(" ", "-").lower() or "adapter")
 
 
@@ -42,7 +44,9 @@ def peft_lora_state(model) -> dict[str, torch.Tensor]:
     """The model's LoRA weights in peft's key format, detached fp32 copies on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {
+        k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()
+    }
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -51,8 +55,13 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise TrainingError(f"The {what} contain NaN or infinite values ({key}); nothing was saved.")
 
 
-def to_kohya(unet_lora: dict[str, torch.Tensor], te_lora: dict[str, torch.Tensor] | None, alpha: float,
-             *, te_prefix: str = "lora_te") -> dict[str, torch.Tensor]:
+def to_kohya(
+    unet_lora: dict[str, torch.Tensor],
+    te_lora: dict[str, torch.Tensor] | None,
+    alpha: float,
+    *,
+    te_prefix: str = "lora_te",
+) -> dict[str, torch.Tensor]:
     """peft-key LoRA weights -> kohya sd-scripts keys, the format A1111 and ComfyUI load.
 
     kohya names a module by its diffusers path with dots as underscores; lora_A/lora_B become
@@ -193,6 +202,8 @@ pipe.load_lora_weights("path/to/this/folder")
 image = pipe("{info.get("instance_prompt", "")}").images[0]
 ```
 
-AUTOMATIC1111 / ComfyUI: copy `{name}.safetensors` into `models/Lora` and prompt with
-`<lora:{name}:1> {info.get("instance_prompt", "")}` (A1111) or use a LoraLoader node (ComfyUI).
+AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
+`<lora:{name}:1> {info.get("instance_prompt", "")}`.
+
+ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
 """

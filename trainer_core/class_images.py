@@ -54,8 +54,13 @@ def generate_class_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = list_images(out_dir)
     missing = num_images - len(existing)
-    emit(StageStarted("class_images", f"{len(existing)} class images present, {max(missing, 0)} to make",
-                      total=num_images))
+    emit(
+        StageStarted(
+            "class_images",
+            f"{len(existing)} class images present, {max(missing, 0)} to make",
+            total=num_images,
+        )
+    )
     if missing <= 0:
         emit(Progress("class_images", num_images, num_images))
         return existing[:num_images]

@@ -42,12 +42,23 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=help_text)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             continue
         kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-        p.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
-                       metavar=f.name.upper() if kind is str else None)
+        p.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=help_text,
+            metavar=f.name.upper() if kind is str else None,
+        )
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -122,6 +133,7 @@ class _ProgressPrinter:
 def cmd_make_tiny_model(args) -> int:
     from .components import make_tiny_model
 
+    _quiet_libraries()
     out = make_tiny_model(args.out_dir, arch=args.arch, seed=args.seed)
     print(json.dumps({"model_dir": str(out), "arch": args.arch}))
     return 0
@@ -158,15 +170,26 @@ def cmd_generate(args) -> int:
         try:
             weights = [float(w) for w in args.adapter_weights.split(",")]
         except ValueError:
-            raise ValueError(f"adapter_weights: expected numbers like 1.0,0.5, got {args.adapter_weights!r}") \
-                from None
+            raise ValueError(
+                f"adapter_weights: expected numbers like 1.0,0.5, got {args.adapter_weights!r}"
+            ) from None
     if not str(args.out).lower().endswith(".png"):
         raise ValueError(f"out: the output file must end in .png, got {args.out}")
     _quiet_libraries()
-    pipe = load_pipeline(args.base_model, scheduler=args.scheduler)
+    pipe = load_pipeline(
+        args.base_model, scheduler=args.scheduler, single_file_config=args.single_file_config
+    )
     names = apply_adapters(pipe, args.adapter or [], weights)
-    images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, width=args.width, height=args.height)
+    images = generate(
+        pipe,
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(out)
@@ -178,19 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m trainer_core", description="DreamBooth LoRA training and generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("make-tiny-model", help="Save a tiny random model (offline; produces noise) for tests.")
+    p = sub.add_parser(
+        "make-tiny-model", help="Save a tiny random model (offline; produces noise) for tests."
+    )
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--arch", choices=["sd15"], default="sd15", help="Architecture (sd15).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.set_defaults(func=cmd_make_tiny_model)
 
-    p = sub.add_parser("train", help="Train a DreamBooth LoRA adapter; prints a JSON summary last.",
-                       description="Train a DreamBooth LoRA. A --class-prompt turns on prior preservation.")
+    p = sub.add_parser(
+        "train",
+        help="Train a DreamBooth LoRA adapter; prints a JSON summary last.",
+        description="Train a DreamBooth LoRA. A --class-prompt turns on prior preservation.",
+    )
     _add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="Generate an image with the base model and optional adapters.")
-    p.add_argument("--base-model", required=True, help="Hub id, local folder, .safetensors file or tiny-sd15.")
+    p.add_argument(
+        "--base-model", required=True, help="Hub id, local folder, .safetensors file or tiny-sd15."
+    )
+    p.add_argument(
+        "--single-file-config",
+        default=None,
+        metavar="ID_OR_PATH",
+        help="For a single-file base model: a diffusers folder or Hub id with its configs.",
+    )
     p.add_argument("--adapter", action="append", metavar="DIR", help="Adapter folder (repeatable).")
     p.add_argument("--adapter-weights", metavar="W,W", help="Comma-separated weights, one per --adapter.")
     p.add_argument("--prompt", required=True, help="What to draw; use the adapter's trigger word.")

@@ -75,7 +75,12 @@ def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
         out_channels=4,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
@@ -142,12 +147,26 @@ def make_tiny_model(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> P
 
 
 def tiny_model_dir(name: str) -> Path:
-    """The cached folder of a built-in tiny model, built on first use."""
+    """The cached folder of a built-in tiny model, built on first use.
+
+    A file lock makes concurrent first uses (several `accelerate launch` processes, two app
+    threads) build it once; the others wait and then load the finished folder.
+    """
+    import fcntl
+
     arch = name.removeprefix("tiny-")
     path = studio_home() / "models" / name
-    if not (path / "model_index.json").exists():
-        log.info("building %s in %s", name, path)
-        make_tiny_model(path, arch=arch)
+    if (path / "model_index.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (path / "model_index.json").exists():
+                log.info("building %s in %s", name, path)
+                make_tiny_model(path, arch=arch)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return path
 
 
@@ -240,7 +259,9 @@ def load_components(
             raise TrainingError(_offline_message(source, e)) from e
         raise TrainingError(f"Could not load the base model from {loc}: {_first_line(e)}") from e
     _check_sd15_layout(unet, text_encoder, source)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler), source
+    return dict(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler
+    ), source
 
 
 def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
@@ -254,7 +275,7 @@ def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | 
     except Exception as e:  # diffusers raises many types here (OSError, ValueError, KeyError)
         raise TrainingError(
             f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}; "
-            "offline, pass the matching diffusers config folder as single_file_config."
+            "offline, pass the matching diffusers folder with --single-file-config."
         ) from e
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return dict(
@@ -300,7 +321,9 @@ def default_resolution(unet, vae) -> int:
 def unet_lora_config(rank: int, alpha: float):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS
+    )
 
 
 def text_encoder_lora_config(rank: int, alpha: float):

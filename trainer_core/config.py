@@ -40,12 +40,18 @@ class TrainConfig:
         "tiny-sd15",
         "Hub id, local diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 (offline test model).",
     )
+    single_file_config: str | None = _f(
+        None, "For a single-file base model: a diffusers folder or Hub id with its configs (needed offline)."
+    )
     adapter_name: str | None = _f(None, "Name of the adapter (default: derived from the instance prompt).")
     token: str | None = _f(
-        None, "The rare identifier in the instance prompt, e.g. 'sks' (default: the word not in the class prompt)."
+        None,
+        "The rare identifier in the instance prompt, e.g. 'sks' (default: the word not in the class prompt).",
     )
     # prior preservation
-    with_prior_preservation: bool = _f(False, "Train on class images too, so the model keeps its idea of the class.")
+    with_prior_preservation: bool = _f(
+        False, "Train on class images too, so the model keeps its idea of the class."
+    )
     class_prompt: str | None = _f(None, "Prompt for the class images, e.g. 'a photo of a dog'.")
     class_data_dir: str | None = _f(
         None, "Folder of class images to use (topped up to num_class_images); default: the shared cache."
@@ -90,7 +96,7 @@ class TrainConfig:
         None, "Prompt for validation images, made with and without the token (default: instance prompt)."
     )
     validation_steps: int = _f(0, "Make validation images every N steps (0: only at the end).")
-    num_validation_images: int = _f(1, "Validation images per prompt.")
+    num_validation_images: int = _f(1, "Validation images per prompt (0: none at all).")
     validation_inference_steps: int = _f(25, "Sampler steps for validation images.")
     # checkpoints
     checkpointing_steps: int = _f(100, "Save a resumable checkpoint every N steps (0: never).")
@@ -120,14 +126,19 @@ class TrainConfig:
             "class_generation_steps",
             "class_generation_batch_size",
             "logging_steps",
-            "num_validation_images",
             "validation_inference_steps",
         )
         for name in _positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "seed"):
+        for name in (
+            "lr_warmup_steps",
+            "validation_steps",
+            "checkpointing_steps",
+            "seed",
+            "num_validation_images",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(name, f"must be an integer >= 0, got {value!r}")
@@ -228,15 +239,51 @@ def field_help(name: str) -> str:
 # Steps follow the common rule of thumb of ~80-100 steps per photo at batch 1, clamped so a
 # handful of photos still trains long enough and twenty do not overfit.
 _PRESETS: dict[str, dict[str, Any]] = {
-    "person": dict(steps_per_image=100, min_steps=500, max_steps=1600, rank=16, learning_rate=1e-4,
-                   prior=True, class_noun="person", class_images_per_photo=20, prior_loss_weight=1.0),
-    "pet": dict(steps_per_image=80, min_steps=400, max_steps=1200, rank=8, learning_rate=1e-4,
-                prior=True, class_noun="dog", class_images_per_photo=15, prior_loss_weight=1.0),
-    "object": dict(steps_per_image=80, min_steps=400, max_steps=1200, rank=8, learning_rate=1e-4,
-                   prior=True, class_noun="object", class_images_per_photo=10, prior_loss_weight=1.0),
+    "person": dict(
+        steps_per_image=100,
+        min_steps=500,
+        max_steps=1600,
+        rank=16,
+        learning_rate=1e-4,
+        prior=True,
+        class_noun="person",
+        class_images_per_photo=20,
+        prior_loss_weight=1.0,
+    ),
+    "pet": dict(
+        steps_per_image=80,
+        min_steps=400,
+        max_steps=1200,
+        rank=8,
+        learning_rate=1e-4,
+        prior=True,
+        class_noun="dog",
+        class_images_per_photo=15,
+        prior_loss_weight=1.0,
+    ),
+    "object": dict(
+        steps_per_image=80,
+        min_steps=400,
+        max_steps=1200,
+        rank=8,
+        learning_rate=1e-4,
+        prior=True,
+        class_noun="object",
+        class_images_per_photo=10,
+        prior_loss_weight=1.0,
+    ),
     # A style has no single class to preserve; prior preservation is off by default.
-    "style": dict(steps_per_image=100, min_steps=600, max_steps=2000, rank=16, learning_rate=1e-4,
-                  prior=False, class_noun="style", class_images_per_photo=0, prior_loss_weight=0.0),
+    "style": dict(
+        steps_per_image=100,
+        min_steps=600,
+        max_steps=2000,
+        rank=16,
+        learning_rate=1e-4,
+        prior=False,
+        class_noun="style",
+        class_images_per_photo=0,
+        prior_loss_weight=0.0,
+    ),
 }
 
 

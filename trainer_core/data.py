@@ -58,7 +58,9 @@ def load_instance_examples(instance_dir: str | Path, instance_prompt: str) -> li
             prompt = caption or instance_prompt
         examples.append(Example(p, prompt))
     if not examples:
-        raise TrainingError(f"No usable photos in {instance_dir}; add JPEG, PNG or WEBP images of the subject.")
+        raise TrainingError(
+            f"No usable photos in {instance_dir}; add JPEG, PNG or WEBP images of the subject."
+        )
     return examples
 
 

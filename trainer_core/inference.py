@@ -21,18 +21,29 @@ log = logging.getLogger(__name__)
 SCHEDULERS = ("dpm++", "euler_a", "ddim")
 
 
-def load_pipeline(base_model: str, *, device: str | None = None, dtype: torch.dtype | None = None,
-                  scheduler: str = "dpm++"):
+def load_pipeline(
+    base_model: str,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    scheduler: str = "dpm++",
+    single_file_config: str | None = None,
+):
     """A text-to-image pipeline for `base_model`: fp16 on CUDA, fp32 on the CPU, progress bars off."""
     from diffusers import StableDiffusionPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    parts, _source = load_components(base_model, dtype=dtype)
+    parts, _source = load_components(base_model, dtype=dtype, single_file_config=single_file_config)
     pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=make_scheduler(scheduler, parts["scheduler"].config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=make_scheduler(scheduler, parts["scheduler"].config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -50,7 +61,9 @@ def make_scheduler(name: str, config):
     raise ValueError(f"scheduler: must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
 
-def apply_adapters(pipe, adapter_dirs: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[str]:
+def apply_adapters(
+    pipe, adapter_dirs: Sequence[str | Path], weights: Sequence[float] | None = None
+) -> list[str]:
     """Load the adapters (once each, by name) and activate them with their weights."""
     if weights is not None and len(weights) != len(adapter_dirs):
         raise ValueError(f"adapter_weights: {len(weights)} weights for {len(adapter_dirs)} adapters")
@@ -62,7 +75,9 @@ def apply_adapters(pipe, adapter_dirs: Sequence[str | Path], weights: Sequence[f
             raise TrainingError(f"{folder} is not an adapter folder (no {LORA_WEIGHT_NAME}).")
         info = read_adapter(folder) if (folder / "adapter.json").exists() else {"name": folder.name}
         if info.get("architecture", "sd15") != "sd15":
-            raise TrainingError(f"The adapter {folder.name} was trained for {info['architecture']}, not SD 1.5.")
+            raise TrainingError(
+                f"The adapter {folder.name} was trained for {info['architecture']}, not SD 1.5."
+            )
         name = sanitize_name(info.get("name") or folder.name)
         while name in names:
             name += "_"
@@ -76,9 +91,18 @@ def apply_adapters(pipe, adapter_dirs: Sequence[str | Path], weights: Sequence[f
     return names
 
 
-def generate(pipe, prompt: str, *, negative_prompt: str | None = None, seed: int = 0, steps: int = 25,
-             guidance: float = 7.5, width: int | None = None, height: int | None = None,
-             num_images: int = 1):
+def generate(
+    pipe,
+    prompt: str,
+    *,
+    negative_prompt: str | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    num_images: int = 1,
+):
     """Images for `prompt`; the same seed and settings give the same images."""
     if not prompt or not prompt.strip():
         raise ValueError("prompt: must contain text")
@@ -89,5 +113,13 @@ def generate(pipe, prompt: str, *, negative_prompt: str | None = None, seed: int
             raise ValueError(f"{name}: must be a multiple of 8, got {value}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
-        return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                    width=width, height=height, num_images_per_prompt=num_images, generator=generator).images
+        return pipe(
+            prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            num_images_per_prompt=num_images,
+            generator=generator,
+        ).images

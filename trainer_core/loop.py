@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,17 @@ def run_paths(output_dir: Path) -> dict[str, Path]:
 
 
 def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
-    atomic_write_json(path, {"status": status, "step": step, "total_steps": total, "message": message,
-                             "updated": time.time(), **extra})
+    atomic_write_json(
+        path,
+        {
+            "status": status,
+            "step": step,
+            "total_steps": total,
+            "message": message,
+            "updated": time.time(),
+            **extra,
+        },
+    )
 
 
 def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = never_stop) -> TrainResult:
@@ -103,7 +113,6 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
     main = accelerator.is_main_process
     if not main:
         emit = no_emit
-    step = 0
     try:
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,8 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         return _train(config, accelerator, paths, emit, should_stop)
     except StopRequested as e:
         if main:
-            write_status(paths["status"], "stopped", step, config.max_train_steps, str(e))
+            # Only raised before the first step (class images); later stops save and return.
+            write_status(paths["status"], "stopped", 0, config.max_train_steps, str(e))
         emit(Finished("stopped", {"steps": 0, "message": str(e)}))
         return TrainResult("stopped", {"steps": 0, "message": str(e), "adapter_dir": None}, None)
     except TrainingError as e:
@@ -121,8 +131,10 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         emit(Failed(str(e), e.step))
         raise
     except torch.cuda.OutOfMemoryError as e:
-        msg = ("The GPU ran out of memory; lower the resolution or batch size, or turn on gradient "
-               "checkpointing and 8-bit Adam, then resume from the last checkpoint.")
+        msg = (
+            "The GPU ran out of memory; lower the resolution or batch size, or turn on gradient "
+            "checkpointing and 8-bit Adam, then resume from the last checkpoint."
+        )
         if main:
             write_status(paths["status"], "failed", 0, config.max_train_steps, msg)
         emit(Failed(msg))
@@ -148,7 +160,9 @@ def _release_accelerator_state() -> None:
 def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit, should_stop: ShouldStop):
     main = accelerator.is_main_process
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
 
     # 1. Resume compatibility is checked before anything slow happens.
     resume_state = None
@@ -159,8 +173,13 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
 
     # 2. Base model parts, all frozen.
     emit(StageStarted("load", f"loading {config.base_model}"))
-    parts, source = load_components(config.base_model)
-    tokenizer, text_encoder, vae, unet = parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"]
+    parts, source = load_components(config.base_model, single_file_config=config.single_file_config)
+    tokenizer, text_encoder, vae, unet = (
+        parts["tokenizer"],
+        parts["text_encoder"],
+        parts["vae"],
+        parts["unet"],
+    )
     noise_scheduler = parts["scheduler"]
     if config.prediction_type:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
@@ -176,7 +195,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         class_paths = _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop)
 
     # 4. Latents and prompt embeddings, computed once; then the VAE leaves the device.
-    cache = _build_cache(config, examples, class_paths, tokenizer, text_encoder, vae, resolution, device, emit)
+    cache = _build_cache(
+        config, examples, class_paths, tokenizer, text_encoder, vae, resolution, device, emit
+    )
     vae.to("cpu")
     if not config.train_text_encoder:
         text_encoder.to("cpu")
@@ -188,8 +209,13 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    add_lora(unet, text_encoder, rank=config.rank, alpha=config.lora_alpha,
-             train_text_encoder=config.train_text_encoder)
+    add_lora(
+        unet,
+        text_encoder,
+        rank=config.rank,
+        alpha=config.lora_alpha,
+        train_text_encoder=config.train_text_encoder,
+    )
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
     unet.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     if config.train_text_encoder:
@@ -209,7 +235,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     params = lora_parameters(*trained)
     optimizer = _make_optimizer(config, params)
     lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=config.max_train_steps,
     )
     # The lr scheduler is stepped by hand once per optimizer step, so it is not prepared.
@@ -239,6 +267,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         text_encoder.train()
     if main:
         write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
+    status_written = time.monotonic()
     while global_step < config.max_train_steps:
         sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
         for micro in range(config.gradient_accumulation_steps):
@@ -247,15 +276,24 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
             gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
             slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
             with accelerator.accumulate(*trained):
-                latents, prompt_embeds = _make_batch(cache, slots, config, gen, device, weight_dtype,
-                                                     text_encoder if config.train_text_encoder else None)
+                latents, prompt_embeds = _make_batch(
+                    cache,
+                    slots,
+                    config,
+                    gen,
+                    device,
+                    weight_dtype,
+                    text_encoder if config.train_text_encoder else None,
+                )
                 # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim)
                 noise = torch.randn(latents.shape, generator=gen).to(device)
                 if config.noise_offset:
                     noise += config.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=gen).to(device)
+                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen
+                    ).to(device)
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+                ).to(device)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 if noise_scheduler.config.prediction_type == "v_prediction":
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -263,7 +301,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                     target = noise
                 noise_pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds).sample
                 # Per-sample MSE, optionally min-SNR weighted; instance and class halves apart.
-                per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(
+                    dim=(1, 2, 3)
+                )
                 if config.snr_gamma is not None:
                     snr = compute_snr(noise_scheduler, timesteps)
                     weights = torch.clamp(snr, max=config.snr_gamma) / snr
@@ -301,22 +341,64 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
 
         if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
             prior = sums["prior_loss"] if config.with_prior_preservation else None
-            metrics = StepMetrics(global_step, config.max_train_steps, sums["loss"], sums["instance_loss"],
-                                  prior, lr_now, round(seconds, 3))
+            metrics = StepMetrics(
+                global_step,
+                config.max_train_steps,
+                sums["loss"],
+                sums["instance_loss"],
+                prior,
+                lr_now,
+                round(seconds, 3),
+            )
             if main:
-                append_jsonl(paths["metrics"], {"step": global_step, "loss": sums["loss"],
-                                                "instance_loss": sums["instance_loss"], "prior_loss": prior,
-                                                "lr": lr_now, "seconds": round(seconds, 3)})
+                append_jsonl(
+                    paths["metrics"],
+                    {
+                        "step": global_step,
+                        "loss": sums["loss"],
+                        "instance_loss": sums["instance_loss"],
+                        "prior_loss": prior,
+                        "lr": lr_now,
+                        "seconds": round(seconds, 3),
+                    },
+                )
             emit(metrics)
-        stop_now = should_stop()
+        stop_now = _agree_on_stop(accelerator, should_stop())
+        if main and (stop_now or time.monotonic() - status_written > 2.0):
+            write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
+            status_written = time.monotonic()
         # A stop always leaves a resumable checkpoint, whatever the checkpoint interval.
         if stop_now or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
-            _save_checkpoint(config, accelerator, paths, global_step, unet, text_encoder, optimizer,
-                             lr_scheduler, seconds, emit)
-        if (config.validation_steps and global_step % config.validation_steps == 0
-                and global_step < config.max_train_steps):
-            _validate(config, accelerator, paths, global_step, unet, text_encoder, vae, tokenizer,
-                      noise_scheduler, resolution, emit)
+            _save_checkpoint(
+                config,
+                accelerator,
+                paths,
+                global_step,
+                unet,
+                text_encoder,
+                optimizer,
+                lr_scheduler,
+                seconds,
+                emit,
+            )
+        if (
+            config.validation_steps
+            and global_step % config.validation_steps == 0
+            and global_step < config.max_train_steps
+        ):
+            _validate(
+                config,
+                accelerator,
+                paths,
+                global_step,
+                unet,
+                text_encoder,
+                vae,
+                tokenizer,
+                noise_scheduler,
+                resolution,
+                emit,
+            )
         if stop_now:
             stopped = True
             break
@@ -328,23 +410,42 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     status = "stopped" if stopped else "finished"
     adapter_dir = None
     if global_step > 0:
-        sample_dir = _validate(config, accelerator, paths, global_step, unet, text_encoder, vae, tokenizer,
-                               noise_scheduler, resolution, emit)
+        sample_dir = _validate(
+            config,
+            accelerator,
+            paths,
+            global_step,
+            unet,
+            text_encoder,
+            vae,
+            tokenizer,
+            noise_scheduler,
+            resolution,
+            emit,
+        )
         if main:
             emit(StageStarted("save", "saving the adapter"))
             name = config.adapter_name or adapters.default_adapter_name(config.instance_prompt)
             adapter_dir = adapters.save_adapter(
-                paths["adapter"], unet=unet_model,
-                text_encoder=te_model if config.train_text_encoder else None, name=name,
+                paths["adapter"],
+                unet=unet_model,
+                text_encoder=te_model if config.train_text_encoder else None,
+                name=name,
                 metadata={
-                    "base_model": config.base_model, "instance_prompt": config.instance_prompt,
-                    "token": config.identifier_token, "class_prompt": config.class_prompt,
-                    "with_prior_preservation": config.with_prior_preservation, "steps": global_step,
-                    "resolution": resolution, "final_loss": last.get("loss"),
+                    "base_model": config.base_model,
+                    "instance_prompt": config.instance_prompt,
+                    "token": config.identifier_token,
+                    "class_prompt": config.class_prompt,
+                    "with_prior_preservation": config.with_prior_preservation,
+                    "steps": global_step,
+                    "resolution": resolution,
+                    "final_loss": last.get("loss"),
                     "final_instance_loss": last.get("instance_loss"),
                     "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
                 },
-                config_json=config.to_json(), metrics_file=paths["metrics"], samples_dir=sample_dir,
+                config_json=config.to_json(),
+                metrics_file=paths["metrics"],
+                samples_dir=sample_dir,
             )
     accelerator.wait_for_everyone()
     summary = {
@@ -356,13 +457,19 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         "final_instance_loss": last.get("instance_loss"),
         "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
         "seconds": round(seconds, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": _peak_rss_mb(),
     }
     if torch.cuda.is_available():
         summary["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if main:
-        write_status(paths["status"], status, global_step, config.max_train_steps,
-                     "stopped by request" if stopped else "done", summary=summary)
+        write_status(
+            paths["status"],
+            status,
+            global_step,
+            config.max_train_steps,
+            "stopped by request" if stopped else "done",
+            summary=summary,
+        )
     emit(Finished(status, summary))
     return TrainResult(status, summary, adapter_dir, unet=unet_model, text_encoder=te_model)
 
@@ -370,6 +477,23 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
 # ---------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ---------------------------------------------------------------------------------------------
+
+
+def _agree_on_stop(accelerator, local: bool) -> bool:
+    """One stop decision for all processes: if any was asked to stop, all stop at this step.
+
+    Otherwise a process that stops waits at the checkpoint barrier while the others start the
+    next step, and the run hangs.
+    """
+    if accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max").item() > 0)
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB on Linux
 
 
 def _mix(*numbers: int) -> int:
@@ -382,17 +506,25 @@ def _mix(*numbers: int) -> int:
 
 
 def _resume_identity(config: TrainConfig) -> dict[str, Any]:
-    return {"base_model": config.base_model, "rank": config.rank, "alpha": config.lora_alpha,
-            "train_text_encoder": config.train_text_encoder}
+    return {
+        "base_model": config.base_model,
+        "rank": config.rank,
+        "alpha": config.lora_alpha,
+        "train_text_encoder": config.train_text_encoder,
+    }
 
 
 def _make_pipeline(parts_or_models: dict[str, Any]):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=parts_or_models["vae"], text_encoder=parts_or_models["text_encoder"],
-        tokenizer=parts_or_models["tokenizer"], unet=parts_or_models["unet"],
-        scheduler=parts_or_models["scheduler"], safety_checker=None, feature_extractor=None,
+        vae=parts_or_models["vae"],
+        text_encoder=parts_or_models["text_encoder"],
+        tokenizer=parts_or_models["tokenizer"],
+        unet=parts_or_models["unet"],
+        scheduler=parts_or_models["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -405,25 +537,44 @@ def _prepare_class_images(config, parts, source, resolution, accelerator, emit, 
     else:
         class_dir = class_cache_dir(f"{source.kind}:{source.location}", config.class_prompt, resolution)
     if accelerator.is_main_process:
+
         def factory():
             pipe = _make_pipeline(parts)
             return pipe.to(accelerator.device)
 
         generate_class_images(
-            factory, config.class_prompt, class_dir, config.num_class_images, resolution=resolution,
-            seed=config.seed, num_inference_steps=config.class_generation_steps,
-            batch_size=config.class_generation_batch_size, emit=emit, should_stop=should_stop,
+            factory,
+            config.class_prompt,
+            class_dir,
+            config.num_class_images,
+            resolution=resolution,
+            seed=config.seed,
+            num_inference_steps=config.class_generation_steps,
+            batch_size=config.class_generation_batch_size,
+            emit=emit,
+            should_stop=should_stop,
         )
     accelerator.wait_for_everyone()
     found = list_images(class_dir)[: config.num_class_images]
     if len(found) < config.num_class_images:
-        raise TrainingError(f"Only {len(found)} class images in {class_dir}, {config.num_class_images} needed.")
+        raise TrainingError(
+            f"Only {len(found)} class images in {class_dir}, {config.num_class_images} needed."
+        )
     return found
 
 
 @torch.no_grad()
-def _build_cache(config, examples: list[Example], class_paths: list[Path], tokenizer, text_encoder, vae,
-                 resolution: int, device, emit) -> _Cache:
+def _build_cache(
+    config,
+    examples: list[Example],
+    class_paths: list[Path],
+    tokenizer,
+    text_encoder,
+    vae,
+    resolution: int,
+    device,
+    emit,
+) -> _Cache:
     emit(StageStarted("cache", "encoding photos and prompts once", total=len(examples) + len(class_paths)))
     vae.to(device)
     flips = (False, True) if config.random_flip else (False,)
@@ -444,17 +595,25 @@ def _build_cache(config, examples: list[Example], class_paths: list[Path], token
     instance = encode([e.path for e in examples], 0)
     klass = encode(class_paths, len(examples))
     prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
-    input_ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    input_ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     embeds = None
     if not config.train_text_encoder:
         text_encoder.to(device)
         embeds = text_encoder(input_ids.to(device))[0].float().cpu()
     return _Cache(
-        instance_latent_dists=instance, class_latent_dists=klass,
+        instance_latent_dists=instance,
+        class_latent_dists=klass,
         instance_prompt_ids=[prompts.index(e.prompt) for e in examples],
         class_prompt_id=prompts.index(config.class_prompt) if class_paths else None,
-        prompts=prompts, prompt_embeds=embeds, prompt_input_ids=input_ids,
+        prompts=prompts,
+        prompt_embeds=embeds,
+        prompt_input_ids=input_ids,
         scaling_factor=float(vae.config.scaling_factor),
     )
 
@@ -490,8 +649,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
 
 
 def _make_optimizer(config: TrainConfig, params):
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     if config.use_8bit_adam:
         if not torch.cuda.is_available():
             raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
@@ -505,7 +668,9 @@ def _make_optimizer(config: TrainConfig, params):
 
 def _enable_xformers(unet) -> None:
     if not torch.cuda.is_available():
-        raise TrainingError("xformers attention needs a CUDA GPU; turn it off to use PyTorch's SDPA attention.")
+        raise TrainingError(
+            "xformers attention needs a CUDA GPU; turn it off to use PyTorch's SDPA attention."
+        )
     try:
         unet.enable_xformers_memory_efficient_attention()
     except (ImportError, ModuleNotFoundError, ValueError) as e:
@@ -529,17 +694,21 @@ def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor]) -> None
         result = set_peft_model_state_dict(model, part)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise TrainingError(f"The checkpoint does not match this model ({len(unexpected)} unknown LoRA keys).")
+            raise TrainingError(
+                f"The checkpoint does not match this model ({len(unexpected)} unknown LoRA keys)."
+            )
 
 
-def _save_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler,
-                     seconds, emit) -> None:
+def _save_checkpoint(
+    config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds, emit
+) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         emit(StageStarted("save", f"saving checkpoint {step}"))
         try:
-            path = _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer,
-                                     lr_scheduler, seconds)
+            path = _write_checkpoint(
+                config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds
+            )
         except OSError as e:
             raise TrainingError(
                 f"Could not save checkpoint {step} ({e.strerror or e}); free disk space and resume: "
@@ -552,10 +721,11 @@ def _save_checkpoint(config, accelerator, paths, step, unet, text_encoder, optim
 
 def _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds):
     return checkpoints.save_checkpoint(
-        paths["checkpoints"], step,
-        lora_state=_lora_state_for_checkpoint(accelerator.unwrap_model(unet),
-                                              accelerator.unwrap_model(text_encoder),
-                                              config.train_text_encoder),
+        paths["checkpoints"],
+        step,
+        lora_state=_lora_state_for_checkpoint(
+            accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), config.train_text_encoder
+        ),
         optimizer_state=optimizer.state_dict(),
         scheduler_state=lr_scheduler.state_dict(),
         state={**_resume_identity(config), "seconds": seconds, "max_train_steps": config.max_train_steps},
@@ -564,11 +734,12 @@ def _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, opti
 
 
 @torch.no_grad()
-def _validate(config, accelerator, paths, step, unet, text_encoder, vae, tokenizer, noise_scheduler,
-              resolution, emit):
+def _validate(
+    config, accelerator, paths, step, unet, text_encoder, vae, tokenizer, noise_scheduler, resolution, emit
+):
     """Validation images with and without the token, same seeds at every step so they compare."""
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    if not accelerator.is_main_process or config.num_validation_images == 0:
         return None
     from diffusers import DPMSolverMultistepScheduler
 
@@ -582,8 +753,9 @@ def _validate(config, accelerator, paths, step, unet, text_encoder, vae, tokeniz
     unet_model.eval()
     te_model.eval()
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    pipe = _make_pipeline(dict(vae=vae, text_encoder=te_model, tokenizer=tokenizer, unet=unet_model,
-                               scheduler=scheduler))
+    pipe = _make_pipeline(
+        dict(vae=vae, text_encoder=te_model, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler)
+    )
     out_dir = paths["samples"] / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt = config.effective_validation_prompt
@@ -596,9 +768,13 @@ def _validate(config, accelerator, paths, step, unet, text_encoder, vae, tokeniz
     with autocast:
         for label, text in variants:
             for i in range(config.num_validation_images):
-                image = pipe(text, num_inference_steps=config.validation_inference_steps, height=resolution,
-                             width=resolution,
-                             generator=torch.Generator().manual_seed(config.seed + i)).images[0]
+                image = pipe(
+                    text,
+                    num_inference_steps=config.validation_inference_steps,
+                    height=resolution,
+                    width=resolution,
+                    generator=torch.Generator().manual_seed(config.seed + i),
+                ).images[0]
                 target = out_dir / f"{label}-token-{i}.png"
                 image.save(target)
                 saved.append(str(target))
@@ -609,5 +785,3 @@ def _validate(config, accelerator, paths, step, unet, text_encoder, vae, tokeniz
         te_model.train()
     emit(SamplesSaved(step, saved))
     return out_dir
-
-

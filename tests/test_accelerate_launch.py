@@ -1,0 +1,124 @@
+"""`accelerate launch --num_processes 2 -m trainer_core train` on the CPU: two real processes, one run.
+
+Two accelerate traps shape this test (accelerate 1.15):
+- `accelerate launch --cpu --num_processes 2` starts ONE process: with `--cpu` the launcher always
+  uses its single-process path unless an MPI hostfile is given (`--mpirun_hostfile`).
+- `--multi_gpu` starts two processes through torchrun, but on a machine without CUDA each one then
+  sees no distributed backend and trains alone as world size 1 (both write the same run folder).
+So the test launches with `--multi_gpu` and sets ACCELERATE_USE_CPU=1, which makes every process
+join one gloo process group on the CPU (accelerate's MULTI_CPU mode). On a GPU machine, users run
+`accelerate launch --num_processes N -m trainer_core train ...` without either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_photos(folder: Path, n: int = 3) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        pixels = (rng.random((80, 96, 3)) * 80).astype("uint8")
+        pixels[10 + 4 * i : 50 + 4 * i, 20 + 6 * i : 60 + 6 * i] = [210, 70 + 40 * i, 40]
+        Image.fromarray(pixels).save(folder / f"photo-{i}.png")
+    return folder
+
+
+def _launch(tmp_path: Path, home: Path) -> tuple[subprocess.CompletedProcess, float]:
+    photos = _write_photos(tmp_path / "photos")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DREAMBOOTH_STUDIO_HOME": str(home),
+        "ACCELERATE_USE_CPU": "1",
+        # A user's ~/.cache/huggingface/accelerate/default_config.yaml must not change the launch.
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", "trainer_core", "train",
+        "--base-model", "tiny-sd15",
+        "--instance-dir", str(photos),
+        "--instance-prompt", "a photo of sks toy",
+        "--class-prompt", "a photo of a toy",
+        "--num-class-images", "4",
+        "--class-generation-steps", "2",
+        "--validation-inference-steps", "2",
+        "--max-train-steps", str(STEPS),
+        "--checkpointing-steps", "2",
+        "--output-dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc, time.perf_counter() - t0
+
+
+def _check_run(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stderr tail ---\n{proc.stderr[-4000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"nothing on stdout\n{proc.stderr[-2000:]}"
+    summary = json.loads(lines[-1])
+    for key in ("adapter_dir", "steps", "final_loss", "seconds"):
+        assert key in summary, f"{key} missing from the summary {summary}"
+    assert summary["steps"] == STEPS
+    assert summary["final_loss"] is not None and summary["final_loss"] == summary["final_loss"]  # not NaN
+    # Exactly one process printed the summary and wrote metrics: two processes that failed to join
+    # one group would each train alone and append their own lines to the same metrics.jsonl.
+    assert sum(line.lstrip().startswith("{") for line in lines) == 1, proc.stdout
+    metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == list(range(1, STEPS + 1))
+    adapter = Path(summary["adapter_dir"])
+    assert adapter == run_dir / "adapter"
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+
+def test_two_cpu_processes_train_one_adapter(tmp_path, monkeypatch):
+    from trainer_core.components import tiny_model_dir
+
+    home = tmp_path / "studio-home"
+    # Build the tiny model before launching: both ranks building it at once races (see the test below).
+    monkeypatch.setenv("DREAMBOOTH_STUDIO_HOME", str(home))
+    tiny_model_dir("tiny-sd15")
+
+    proc, seconds = _launch(tmp_path, home)
+    print(f"accelerate launch, 2 CPU processes, {STEPS} steps: {seconds:.1f} s wall")
+    _check_run(proc, tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="trainer_core bug: with an empty cache every rank builds tiny-sd15 at once; "
+    "components.tiny_model_dir replaces the folder while the other rank is loading from it",
+    strict=False,
+)
+def test_two_cpu_processes_with_a_cold_model_cache(tmp_path):
+    proc, _ = _launch(tmp_path, tmp_path / "studio-home")
+    _check_run(proc, tmp_path / "run")
