@@ -267,15 +267,21 @@ def load_components(
 def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    kw: dict[str, Any] = dict(torch_dtype=dtype, local_files_only=_hub_offline() or config is not None)
+    kw: dict[str, Any] = dict(torch_dtype=dtype, local_files_only=_hub_offline())
     if config is not None:
-        kw["config"] = str(resolve_base_model(config).location)
+        config_source = resolve_base_model(config)
+        kw["config"] = config_source.location
+        kw["local_files_only"] = kw["local_files_only"] or config_source.kind != "hub"
     try:
         pipe = StableDiffusionPipeline.from_single_file(source.location, **kw)
     except Exception as e:  # diffusers raises many types here (OSError, ValueError, KeyError)
+        hint = (
+            "; offline, pass the matching diffusers folder with --single-file-config"
+            if config is None
+            else ""
+        )
         raise TrainingError(
-            f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}; "
-            "offline, pass the matching diffusers folder with --single-file-config."
+            f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}{hint}."
         ) from e
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return dict(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import adapters, checkpoints
 from .class_images import class_cache_dir, generate_class_images
-from .components import add_lora, default_resolution, load_components, lora_parameters
+from .components import add_lora, default_resolution, load_components, lora_parameters, resolve_base_model
 from .config import TrainConfig
 from .data import Example, image_to_tensor, list_images, load_instance_examples, load_rgb
 from .events import (
@@ -173,6 +173,11 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
 
     # 2. Base model parts, all frozen.
     emit(StageStarted("load", f"loading {config.base_model}"))
+    # A built-in tiny model is built on first use; do that on the main process alone: under a
+    # process group transformers writes weights only from rank 0, so another rank would save a
+    # model folder without its text-encoder weights.
+    with accelerator.main_process_first():
+        resolve_base_model(config.base_model)
     parts, source = load_components(config.base_model, single_file_config=config.single_file_config)
     tokenizer, text_encoder, vae, unet = (
         parts["tokenizer"],
