@@ -238,52 +238,22 @@ def field_help(name: str) -> str:
 # Presets: sensible starting points per kind of subject, scaled by the number of photos.
 # Steps follow the common rule of thumb of ~80-100 steps per photo at batch 1, clamped so a
 # handful of photos still trains long enough and twenty do not overfit.
-_PRESETS: dict[str, dict[str, Any]] = {
-    "person": dict(
-        steps_per_image=100,
-        min_steps=500,
-        max_steps=1600,
-        rank=16,
-        learning_rate=1e-4,
-        prior=True,
-        class_noun="person",
-        class_images_per_photo=20,
-        prior_loss_weight=1.0,
-    ),
-    "pet": dict(
-        steps_per_image=80,
-        min_steps=400,
-        max_steps=1200,
-        rank=8,
-        learning_rate=1e-4,
-        prior=True,
-        class_noun="dog",
-        class_images_per_photo=15,
-        prior_loss_weight=1.0,
-    ),
-    "object": dict(
-        steps_per_image=80,
-        min_steps=400,
-        max_steps=1200,
-        rank=8,
-        learning_rate=1e-4,
-        prior=True,
-        class_noun="object",
-        class_images_per_photo=10,
-        prior_loss_weight=1.0,
-    ),
-    # A style has no single class to preserve; prior preservation is off by default.
-    "style": dict(
-        steps_per_image=100,
-        min_steps=600,
-        max_steps=2000,
-        rank=16,
-        learning_rate=1e-4,
-        prior=False,
-        class_noun="style",
-        class_images_per_photo=0,
-        prior_loss_weight=0.0,
-    ),
+@dataclass(frozen=True)
+class _Preset:
+    steps_per_image: int
+    min_steps: int
+    max_steps: int
+    rank: int
+    class_noun: str
+    class_images_per_photo: int  # 0: no prior preservation
+
+
+_PRESETS: dict[str, _Preset] = {
+    "person": _Preset(100, 500, 1600, rank=16, class_noun="person", class_images_per_photo=20),
+    "pet": _Preset(80, 400, 1200, rank=8, class_noun="dog", class_images_per_photo=15),
+    "object": _Preset(80, 400, 1200, rank=8, class_noun="object", class_images_per_photo=10),
+    # A style has no single class to preserve.
+    "style": _Preset(100, 600, 2000, rank=16, class_noun="style", class_images_per_photo=0),
 }
 
 
@@ -301,8 +271,9 @@ def preset_config(
     if num_images < 1:
         raise ValueError(f"num_images: at least one photo is needed, got {num_images}")
     p = _PRESETS[subject_type]
-    noun = class_noun or p["class_noun"]
-    steps = max(p["min_steps"], min(p["max_steps"], p["steps_per_image"] * num_images))
+    noun = class_noun or p.class_noun
+    steps = max(p.min_steps, min(p.max_steps, p.steps_per_image * num_images))
+    prior = p.class_images_per_photo > 0
     if subject_type == "style":
         instance_prompt, class_prompt = f"an image in the style of {token}", None
     else:
@@ -311,11 +282,11 @@ def preset_config(
         instance_prompt=instance_prompt,
         token=token,
         class_prompt=class_prompt,
-        with_prior_preservation=p["prior"],
-        num_class_images=max(100, p["class_images_per_photo"] * num_images) if p["prior"] else 100,
-        prior_loss_weight=p["prior_loss_weight"] if p["prior"] else 1.0,
-        rank=p["rank"],
-        learning_rate=p["learning_rate"],
+        with_prior_preservation=prior,
+        num_class_images=max(100, p.class_images_per_photo * num_images),
+        prior_loss_weight=1.0,
+        rank=p.rank,
+        learning_rate=1e-4,
         max_train_steps=steps,
         checkpointing_steps=max(100, steps // 4),
         validation_steps=max(100, steps // 4),

@@ -9,6 +9,7 @@ run stopped and resumed from a checkpoint takes exactly the steps an unbroken ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import resource
 import sys
@@ -250,6 +251,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
+    # The prepared (DDP-wrapped) models: accumulate() skips their gradient all-reduce between
+    # micro-steps only when it is given these, not the bare modules.
+    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
 
     global_step, seconds_before = 0, 0.0
     if resume_state is not None:
@@ -265,6 +269,19 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     world, rank_ = accelerator.num_processes, accelerator.process_index
     batch = config.train_batch_size
     last: dict[str, float] = {}
+    validate = functools.partial(
+        _validate,
+        config,
+        accelerator,
+        paths,
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        resolution=resolution,
+        emit=emit,
+    )
     t0 = time.perf_counter()
     stopped = False
     unet.train()
@@ -391,19 +408,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
             and global_step % config.validation_steps == 0
             and global_step < config.max_train_steps
         ):
-            _validate(
-                config,
-                accelerator,
-                paths,
-                global_step,
-                unet,
-                text_encoder,
-                vae,
-                tokenizer,
-                noise_scheduler,
-                resolution,
-                emit,
-            )
+            validate(global_step)
         if stop_now:
             stopped = True
             break
@@ -415,19 +420,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     status = "stopped" if stopped else "finished"
     adapter_dir = None
     if global_step > 0:
-        sample_dir = _validate(
-            config,
-            accelerator,
-            paths,
-            global_step,
-            unet,
-            text_encoder,
-            vae,
-            tokenizer,
-            noise_scheduler,
-            resolution,
-            emit,
-        )
+        sample_dir = validate(global_step)
         if main:
             emit(StageStarted("save", "saving the adapter"))
             name = config.adapter_name or adapters.default_adapter_name(config.instance_prompt)
