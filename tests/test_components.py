@@ -60,3 +60,30 @@ def test_corrupt_single_file_gives_a_sentence(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(TrainingError, match="single-file checkpoint model.safetensors"):
         load_components(str(bad))
+
+
+def test_hub_id_without_network_fails_fast_even_when_not_told_offline(tmp_path):
+    """No HF_HUB_OFFLINE and no reachable Hub: the error comes in seconds, not after minutes of retries."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens on port 9
+    code = (
+        "import time; from trainer_core.components import load_components\n"
+        "t = time.perf_counter()\n"
+        "try:\n    load_components('someone/some-model')\n"
+        "except Exception as e:\n    print(type(e).__name__, round(time.perf_counter() - t, 1), e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    ).stdout
+    kind, seconds, message = out.strip().split(" ", 2)
+    assert kind == "TrainingError" and "someone/some-model" in message
+    assert float(seconds) < 15, out

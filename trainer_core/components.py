@@ -238,30 +238,59 @@ def load_components(
 
     Returns the parts and where they came from. Errors are TrainingError with one sentence.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     source = resolve_base_model(base_model)
     if source.kind == "single_file":
         return _load_single_file(source, dtype=dtype, config=single_file_config), source
 
     loc = source.location
-    local_only = source.kind != "hub" or _hub_offline()
-    kw: dict[str, Any] = dict(local_files_only=local_only)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw)
-        unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw)
-        scheduler = DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw)
+        parts = _from_pretrained(loc, dtype, local_only=True)
     except (OSError, ValueError) as e:
-        if source.kind == "hub":
+        if source.kind != "hub":
+            raise TrainingError(f"Could not load the base model from {loc}: {_first_line(e)}") from e
+        # Not (fully) in the local cache. Without network, huggingface_hub would retry every
+        # file for minutes before failing; a short connect to the Hub decides at once.
+        if _hub_offline() or not _hub_reachable():
             raise TrainingError(_offline_message(source, e)) from e
-        raise TrainingError(f"Could not load the base model from {loc}: {_first_line(e)}") from e
+        try:
+            parts = _from_pretrained(loc, dtype, local_only=False)
+        except (OSError, ValueError) as e2:
+            raise TrainingError(
+                f"Could not download the base model '{source.name}' from the Hugging Face Hub: {_first_line(e2)}"
+            ) from e2
+    unet, text_encoder = parts["unet"], parts["text_encoder"]
     _check_sd15_layout(unet, text_encoder, source)
+    return parts, source
+
+
+def _from_pretrained(loc: str, dtype: torch.dtype, *, local_only: bool) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw: dict[str, Any] = dict(local_files_only=local_only)
     return dict(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler
-    ), source
+        tokenizer=CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", dtype=dtype, **kw),
+        vae=AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw),
+        unet=UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw),
+        scheduler=DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw),
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint (HF_ENDPOINT) opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
