@@ -81,72 +81,21 @@ def model_dir(workdir: Path) -> Path:
 
 def build_model(spec: Spec, out: Path) -> None:
     """A random SD 1.5-architecture model at the spec's widths, saved as a diffusers folder."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from trainer_core.components import SD15Shape, build_sd15, save_sd15
 
-    from trainer_core.components import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(spec.seed)
-    unet = UNet2DConditionModel(
-        sample_size=spec.resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=spec.unet_channels,
-        layers_per_block=spec.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=spec.text_hidden,
-        attention_head_dim=8,
-        norm_num_groups=spec.norm_groups,
+    shape = SD15Shape(
+        unet_channels=spec.unet_channels,
+        unet_layers_per_block=spec.unet_layers_per_block,
+        vae_channels=spec.vae_channels,
+        vae_layers_per_block=spec.vae_layers_per_block,
+        norm_groups=spec.norm_groups,
+        text_hidden=spec.text_hidden,
+        text_layers=spec.text_layers,
+        text_heads=spec.text_heads,
+        text_intermediate=4 * spec.text_hidden,
+        resolution=spec.resolution,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=spec.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=spec.vae_layers_per_block,
-        norm_num_groups=spec.norm_groups,
-        sample_size=spec.resolution,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden,
-            intermediate_size=4 * spec.text_hidden,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            projection_dim=spec.text_hidden,
-        )
-    )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_sd15(build_sd15(shape, spec.seed), out, tiny=False)
 
 
 def synthetic_picture(size: int, seed: int):

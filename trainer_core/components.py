@@ -62,56 +62,86 @@ def build_tiny_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
-    """Tiny random SD 1.5-architecture components, built offline in about a second."""
+@dataclass(frozen=True)
+class SD15Shape:
+    """The widths of an SD 1.5-architecture model (the real one: UNet 320-1280, VAE 128-512,
+    CLIP ViT-L 768 x 12, 512 px). Block types, latent channels and the VAE factor are SD 1.5's."""
+
+    unet_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    unet_layers_per_block: int = 2
+    attention_head_dim: int = 8
+    vae_channels: tuple[int, ...] = (128, 256, 512, 512)
+    vae_layers_per_block: int = 2
+    norm_groups: int = 32
+    text_hidden: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    resolution: int = 512
+
+
+TINY_SD15 = SD15Shape(
+    unet_channels=(32, 32, 64, 64),
+    unet_layers_per_block=1,
+    vae_channels=(16, 16, 32, 32),
+    vae_layers_per_block=1,
+    norm_groups=16,
+    text_hidden=32,
+    text_layers=2,
+    text_heads=4,
+    text_intermediate=64,
+    resolution=64,
+)
+
+
+def build_sd15(shape: SD15Shape, seed: int = 0) -> dict[str, Any]:
+    """Random SD 1.5-architecture components at `shape`'s widths, with the SD 1.5 noise schedule.
+
+    The tokenizer is the locally generated character-level CLIP tokenizer (no Hub).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,  # 8 latent pixels = 64 image pixels
+        sample_size=shape.resolution // 8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        down_block_types=(
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=shape.text_hidden,
+        attention_head_dim=shape.attention_head_dim,
+        norm_num_groups=shape.norm_groups,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 16, 32, 32),
+        block_out_channels=shape.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=64,
+        layers_per_block=shape.vae_layers_per_block,
+        norm_num_groups=shape.norm_groups,
+        sample_size=shape.resolution,
         scaling_factor=0.18215,
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=shape.text_hidden,
+            intermediate_size=shape.text_intermediate,
+            num_hidden_layers=shape.text_layers,
+            num_attention_heads=shape.text_heads,
             max_position_embeddings=77,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-            projection_dim=32,
+            projection_dim=shape.text_hidden,
         )
     )
     # The real SD 1.5 training schedule.
@@ -127,23 +157,33 @@ def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def make_tiny_model(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
-    """Save a tiny random model as a diffusers folder loadable by `from_pretrained`."""
+def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
+    """Tiny random SD 1.5-architecture components, built offline in about a second."""
+    return build_sd15(TINY_SD15, seed)
+
+
+def save_sd15(parts: dict[str, Any], out_dir: str | Path, *, tiny: bool) -> Path:
+    """Write components as a diffusers folder (atomically), loadable by `from_pretrained`."""
     from diffusers import StableDiffusionPipeline
 
     from .fileio import atomic_directory
 
-    if arch != "sd15":
-        raise ValueError(f"arch: only 'sd15' is supported so far, got {arch!r}")
     out = Path(out_dir)
-    parts = build_tiny_sd15(seed)
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "dreambooth_studio.json").write_text(json.dumps({"tiny": True, "arch": arch}) + "\n")
+        if tiny:
+            (tmp / "dreambooth_studio.json").write_text(json.dumps({"tiny": True, "arch": "sd15"}) + "\n")
     return out
+
+
+def make_tiny_model(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """Save a tiny random model as a diffusers folder loadable by `from_pretrained`."""
+    if arch != "sd15":
+        raise ValueError(f"arch: only 'sd15' is supported so far, got {arch!r}")
+    return save_sd15(build_tiny_sd15(seed), out_dir, tiny=True)
 
 
 def tiny_model_dir(name: str) -> Path:
