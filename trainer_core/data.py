@@ -68,6 +68,7 @@ def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            im = _to_8bit(im)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -75,6 +76,23 @@ def load_rgb(path: Path) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise TrainingError(f"The image {path.name} cannot be read ({e}); remove it or re-export it.") from e
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale scaled into 0-255.
+
+    Pillow's convert("RGB") clips such images instead of scaling them: a 16-bit photo comes out
+    almost all white.
+    """
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    array = np.asarray(im, dtype=np.float64)
+    top = array.max(initial=0.0)
+    if im.mode == "F":
+        scale = 255.0 if top <= 1.0 else (255.0 / top if top > 255 else 1.0)
+    else:
+        scale = 255.0 / 65535.0 if top > 255 else 1.0  # 16-bit levels in an int container
+    return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 def image_to_tensor(image: Image.Image, resolution: int, *, flip: bool = False) -> torch.Tensor:
