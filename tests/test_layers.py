@@ -21,3 +21,17 @@ def test_trainer_core_never_imports_gradio():
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, trainer_core, trainer_core.config, trainer_core.events; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_torchvision_notice_when_the_engine_builds_a_pipeline():
+    """transformers' 'requires torchvision (not installed); falling back' line is filtered; others pass."""
+    code = (
+        "import logging, trainer_core.components as c\n"
+        "from trainer_core.loop import _make_pipeline\n"
+        "parts, _ = c.load_components('tiny-sd15')\n"
+        "_make_pipeline(parts)\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('another transformers warning')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "torchvision" not in proc.stderr, proc.stderr
+    assert "another transformers warning" in proc.stderr

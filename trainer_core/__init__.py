@@ -3,5 +3,24 @@
 Never imports gradio. Submodules are imported lazily by callers; importing this package is cheap.
 """
 
+import logging
+
 __all__ = ["__version__"]
 __version__ = "0.1.0"
+
+
+class _NoTorchvisionFallbackNotice(logging.Filter):
+    """Drop transformers' notice that torchvision is missing and its PIL image processors are used.
+
+    diffusers' SD pipeline module touches `CLIPImageProcessor`; without torchvision (there is no
+    CPU build of it, and this project uses PIL on purpose) transformers then logs that it falls back
+    to the PIL processor. That is the intended set-up, so the line is noise for every user of the
+    engine (CLI, app, tests). Every other transformers message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+# The logger transformers creates under this name later is this same object.
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
