@@ -27,9 +27,8 @@ def test_no_torchvision_notice_when_the_engine_builds_a_pipeline():
     """transformers' 'requires torchvision (not installed); falling back' line is filtered; others pass."""
     code = (
         "import logging, trainer_core.components as c\n"
-        "from trainer_core.loop import _make_pipeline\n"
         "parts, _ = c.load_components('tiny-sd15')\n"
-        "_make_pipeline(parts)\n"
+        "c.assemble_pipeline(parts)\n"
         "logging.getLogger('transformers.utils.import_utils').warning('another transformers warning')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -162,16 +162,34 @@ def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
     return build_sd15(TINY_SD15, seed)
 
 
-def save_sd15(parts: dict[str, Any], out_dir: str | Path, *, tiny: bool) -> Path:
-    """Write components as a diffusers folder (atomically), loadable by `from_pretrained`."""
+def assemble_pipeline(parts: dict[str, Any], scheduler=None):
+    """A StableDiffusionPipeline over already-loaded parts (no copy), progress bar off.
+
+    No safety checker: the models are the user's own, and the checker is a separate download.
+    `scheduler` replaces the parts' (training) scheduler, e.g. a DPM-Solver for sampling.
+    """
     from diffusers import StableDiffusionPipeline
 
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=scheduler or parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sd15(parts: dict[str, Any], out_dir: str | Path, *, tiny: bool) -> Path:
+    """Write components as a diffusers folder (atomically), loadable by `from_pretrained`."""
     from .fileio import atomic_directory
 
     out = Path(out_dir)
-    pipe = StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    pipe = assemble_pipeline(parts)
     with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if tiny:

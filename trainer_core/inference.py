@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .adapters import LORA_WEIGHT_NAME, read_adapter, sanitize_name
-from .components import load_components
+from .components import assemble_pipeline, load_components
 from .events import TrainingError
 
 log = logging.getLogger(__name__)
@@ -30,22 +30,10 @@ def load_pipeline(
     single_file_config: str | None = None,
 ):
     """A text-to-image pipeline for `base_model`: fp16 on CUDA, fp32 on the CPU, progress bars off."""
-    from diffusers import StableDiffusionPipeline
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     parts, _source = load_components(base_model, dtype=dtype, single_file_config=single_file_config)
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        scheduler=make_scheduler(scheduler, parts["scheduler"].config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(parts, make_scheduler(scheduler, parts["scheduler"].config))
     return pipe.to(device)
 
 

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 
 from . import adapters, checkpoints
 from .class_images import class_cache_dir, generate_class_images
-from .components import add_lora, default_resolution, load_components, lora_parameters, resolve_base_model
+from .components import (
+    add_lora,
+    assemble_pipeline,
+    default_resolution,
+    load_components,
+    lora_parameters,
+    resolve_base_model,
+)
 from .config import TrainConfig
 from .data import Example, image_to_tensor, list_images, load_instance_examples, load_rgb
 from .events import (
@@ -512,23 +519,6 @@ def _resume_identity(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _make_pipeline(parts_or_models: dict[str, Any]):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=parts_or_models["vae"],
-        text_encoder=parts_or_models["text_encoder"],
-        tokenizer=parts_or_models["tokenizer"],
-        unet=parts_or_models["unet"],
-        scheduler=parts_or_models["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop) -> list[Path]:
     if config.class_data_dir:
         class_dir = Path(config.class_data_dir)
@@ -537,7 +527,7 @@ def _prepare_class_images(config, parts, source, resolution, accelerator, emit, 
     if accelerator.is_main_process:
 
         def factory():
-            pipe = _make_pipeline(parts)
+            pipe = assemble_pipeline(parts)
             return pipe.to(accelerator.device)
 
         generate_class_images(
@@ -751,7 +741,7 @@ def _validate(
     unet_model.eval()
     te_model.eval()
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    pipe = _make_pipeline(
+    pipe = assemble_pipeline(
         dict(vae=vae, text_encoder=te_model, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler)
     )
     out_dir = paths["samples"] / f"step-{step:06d}"
