@@ -25,24 +25,32 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # trainer_core, when run as a script
+
+from trainer_core.shapes import TINY_SD15, SD15Shape  # noqa: E402  (torch-free)
+
 WAYS = ("engine", "naive")
 INSTANCE_PROMPT = "a photo of sks dog"
 CLASS_PROMPT = "a photo of a dog"
+
+
+# The benchmark's model: SD 1.5's layout at about a fifth of its widths, 256 px.
+BENCH_SHAPE = SD15Shape(
+    unet_channels=(64, 128, 256, 256),
+    vae_channels=(32, 64, 128, 128),
+    text_hidden=256,
+    text_layers=4,
+    text_heads=4,
+    text_intermediate=1024,
+    resolution=256,
+)
 
 
 @dataclass(frozen=True)
 class Spec:
     """Everything both ways share: model shape, data sizes and training settings."""
 
-    unet_channels: tuple[int, ...] = (64, 128, 256, 256)
-    unet_layers_per_block: int = 2
-    vae_channels: tuple[int, ...] = (32, 64, 128, 128)
-    vae_layers_per_block: int = 2
-    norm_groups: int = 32
-    text_hidden: int = 256
-    text_layers: int = 4
-    text_heads: int = 4
-    resolution: int = 256
+    shape: SD15Shape = BENCH_SHAPE
     instance_images: int = 6
     class_images: int = 12
     steps: int = 60
@@ -52,22 +60,12 @@ class Spec:
     prior_loss_weight: float = 1.0
     seed: int = 0
 
+    @property
+    def resolution(self) -> int:
+        return self.shape.resolution
 
-QUICK = Spec(
-    unet_channels=(32, 32, 64, 64),
-    unet_layers_per_block=1,
-    vae_channels=(16, 16, 32, 32),
-    vae_layers_per_block=1,
-    norm_groups=16,
-    text_hidden=32,
-    text_layers=2,
-    text_heads=4,
-    resolution=64,
-    instance_images=2,
-    class_images=2,
-    steps=8,
-    warmup_steps=2,
-)
+
+QUICK = Spec(shape=TINY_SD15, instance_images=2, class_images=2, steps=8, warmup_steps=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,22 +78,10 @@ def model_dir(workdir: Path) -> Path:
 
 
 def build_model(spec: Spec, out: Path) -> None:
-    """A random SD 1.5-architecture model at the spec's widths, saved as a diffusers folder."""
-    from trainer_core.components import SD15Shape, build_sd15, save_sd15
+    """A random SD 1.5-architecture model of the spec's shape, saved as a diffusers folder."""
+    from trainer_core.components import build_sd15, save_sd15
 
-    shape = SD15Shape(
-        unet_channels=spec.unet_channels,
-        unet_layers_per_block=spec.unet_layers_per_block,
-        vae_channels=spec.vae_channels,
-        vae_layers_per_block=spec.vae_layers_per_block,
-        norm_groups=spec.norm_groups,
-        text_hidden=spec.text_hidden,
-        text_layers=spec.text_layers,
-        text_heads=spec.text_heads,
-        text_intermediate=4 * spec.text_hidden,
-        resolution=spec.resolution,
-    )
-    save_sd15(build_sd15(shape, spec.seed), out, tiny=False)
+    save_sd15(build_sd15(spec.shape, spec.seed), out, tiny=False)
 
 
 def synthetic_picture(size: int, seed: int):
@@ -366,7 +352,8 @@ def worker(task: str, workdir: Path, threads: int) -> None:
 
 def load_spec(workdir: Path) -> Spec:
     data = json.loads((workdir / "spec.json").read_text())
-    return Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    shape = SD15Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("shape").items()})
+    return Spec(shape=shape, **data)
 
 
 def spawn(task: str, workdir: Path, threads: int) -> None:
@@ -374,7 +361,6 @@ def spawn(task: str, workdir: Path, threads: int) -> None:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("DREAMBOOTH_STUDIO_HOME", str(workdir / "home"))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     log_path = workdir / f"{task}.log"
     with log_path.open("w") as log:
         proc = subprocess.run(
@@ -432,8 +418,8 @@ def report(spec: Spec, rows: dict[str, dict], repeats: int = 1) -> dict:
     engine, naive = rows["engine"], rows["naive"]
     ratios = {key: naive[key] / engine[key] for key, _, _ in COLUMNS}
     print(
-        f"\nUNet {spec.unet_channels}, VAE {spec.vae_channels}, text encoder {spec.text_layers}x"
-        f"{spec.text_hidden}, {spec.resolution} px, {spec.instance_images} instance + {spec.class_images} "
+        f"\nUNet {spec.shape.unet_channels}, VAE {spec.shape.vae_channels}, text encoder {spec.shape.text_layers}x"
+        f"{spec.shape.text_hidden}, {spec.resolution} px, {spec.instance_images} instance + {spec.class_images} "
         f"class images, {spec.steps} steps, {engine['threads']} torch threads "
         f"(per step: median after {spec.warmup_steps} warm-up steps"
         f"{f'; each way its fastest of {repeats} runs' if repeats > 1 else ''})\n"
@@ -495,7 +481,7 @@ def make_spec(args: argparse.Namespace) -> Spec:
     if args.resolution is not None:
         if args.resolution < 64 or args.resolution % 8:
             sys.exit("train_speed: --resolution must be a multiple of 8, at least 64")
-        spec = replace(spec, resolution=args.resolution)
+        spec = replace(spec, shape=replace(spec.shape, resolution=args.resolution))
     if args.warmup is not None:
         spec = replace(spec, warmup_steps=args.warmup)
     if min(spec.steps, args.repeats) < 1 or min(spec.warmup_steps, args.threads) < 0:

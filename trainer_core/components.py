@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .events import TrainingError
+from .shapes import TINY_SD15, SD15Shape
 
 log = logging.getLogger(__name__)
 
@@ -60,38 +61,6 @@ def build_tiny_tokenizer():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-@dataclass(frozen=True)
-class SD15Shape:
-    """The widths of an SD 1.5-architecture model (the real one: UNet 320-1280, VAE 128-512,
-    CLIP ViT-L 768 x 12, 512 px). Block types, latent channels and the VAE factor are SD 1.5's."""
-
-    unet_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    unet_layers_per_block: int = 2
-    attention_head_dim: int = 8
-    vae_channels: tuple[int, ...] = (128, 256, 512, 512)
-    vae_layers_per_block: int = 2
-    norm_groups: int = 32
-    text_hidden: int = 768
-    text_layers: int = 12
-    text_heads: int = 12
-    text_intermediate: int = 3072
-    resolution: int = 512
-
-
-TINY_SD15 = SD15Shape(
-    unet_channels=(32, 32, 64, 64),
-    unet_layers_per_block=1,
-    vae_channels=(16, 16, 32, 32),
-    vae_layers_per_block=1,
-    norm_groups=16,
-    text_hidden=32,
-    text_layers=2,
-    text_heads=4,
-    text_intermediate=64,
-    resolution=64,
-)
 
 
 def build_sd15(shape: SD15Shape, seed: int = 0) -> dict[str, Any]:
