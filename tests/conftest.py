@@ -1,4 +1,4 @@
-"""Shared fixtures: offline env, a tiny SD 1.5 model saved to disk, synthetic photos, and helpers
+"""Shared fixtures: offline env, tiny SD 1.5 and SDXL models saved to disk, synthetic photos, and helpers
 that measure a UNet with fixed noise and timesteps (real diffusers models, nothing mocked)."""
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ def tiny_model(tmp_path_factory, studio_home) -> Path:
     from trainer_core.components import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory, studio_home) -> Path:
+    """A tiny SDXL model (two text encoders, pooled projection, size embedding) as a diffusers folder."""
+    from trainer_core.components import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", arch="sdxl")
 
 
 def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (96, 80), seed: int = 0) -> Path:

@@ -3,8 +3,12 @@ metadata, the training config, metrics, samples and a model card, written atomic
 
 Layout (the contract in DESIGN.md):
     pytorch_lora_weights.safetensors   loadable by `pipe.load_lora_weights(folder)`
-    <name>.safetensors                 kohya keys (lora_unet_*, lora_te_*, with alpha)
+    <name>.safetensors                 kohya keys (lora_unet_*, lora_te_* for SD 1.5 or lora_te1_* /
+                                       lora_te2_* for SDXL, each module with its alpha)
     adapter.json, config.json, metrics.jsonl, samples/, README.md
+
+`import_adapter` adds a LoRA file made elsewhere (diffusers/peft or kohya keys) to an adapter store
+as the same kind of folder, after checking that it is a real safetensors file that fits the base model.
 """
 
 from __future__ import annotations
@@ -40,13 +44,12 @@ def default_adapter_name(instance_prompt: str) -> str:
     return sanitize_name(words.replace(" ", "-").lower() or "adapter")
 
 
-def peft_lora_state(model) -> dict[str, torch.Tensor]:
+def peft_lora_state(model, adapter: str = "default") -> dict[str, torch.Tensor]:
     """The model's LoRA weights in peft's key format, detached fp32 copies on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {
-        k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()
-    }
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -58,28 +61,65 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def to_kohya(
     unet_lora: dict[str, torch.Tensor],
     te_lora: dict[str, torch.Tensor] | None,
-    alpha: float,
+    alpha: float | dict[str, float],
     *,
     te_prefix: str = "lora_te",
+    te2_lora: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """peft-key LoRA weights -> kohya sd-scripts keys, the format A1111 and ComfyUI load.
 
     kohya names a module by its diffusers path with dots as underscores; lora_A/lora_B become
     lora_down/lora_up, and each module carries its alpha (the update is scaled by alpha / rank).
+    `alpha` is one number, or per module ("lora_unet_..." kohya name -> alpha). SDXL passes
+    te_prefix="lora_te1" and its second text encoder as `te2_lora` (lora_te2_...). Text-encoder
+    modules are named from `text_model`, as A1111 and ComfyUI expect.
     """
     out: dict[str, torch.Tensor] = {}
-    for prefix, state in (("lora_unet", unet_lora), (te_prefix, te_lora or {})):
+    groups = (("lora_unet", unet_lora), (te_prefix, te_lora or {}), ("lora_te2", te2_lora or {}))
+    for prefix, state in groups:
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")  # "down_blocks.0...to_q", "A.weight"
-            name = f"{prefix}_{module.replace('.', '_')}"
+            name = kohya_name(prefix, module)
             if kind == "A.weight":
                 out[f"{name}.lora_down.weight"] = tensor.contiguous()
-                out[f"{name}.alpha"] = torch.tensor(float(alpha))
+                module_alpha = alpha[name] if isinstance(alpha, dict) else alpha
+                out[f"{name}.alpha"] = torch.tensor(float(module_alpha))
             elif kind == "B.weight":
                 out[f"{name}.lora_up.weight"] = tensor.contiguous()
             else:
                 raise ValueError(f"unexpected LoRA key {key}")
     return out
+
+
+def kohya_name(prefix: str, module: str) -> str:
+    """kohya's name of a LoRA module: "lora_unet" + "down_blocks.1.attentions.0...to_q" ->
+    "lora_unet_down_blocks_1_attentions_0_..._to_q"."""
+    if prefix != "lora_unet" and not module.startswith("text_model."):
+        module = f"text_model.{module}"  # transformers >= 5 CLIPTextModel has no text_model level
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _module_alphas(model, prefix: str, adapter: str) -> dict[str, float]:
+    """Each LoRA module's effective alpha (scaling x rank), by kohya name: exact for per-module
+    ranks and alphas (imported adapters), equal to the config's alpha for trained ones."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.scaling:
+            out[kohya_name(prefix, module_name)] = float(module.scaling[adapter]) * int(module.r[adapter])
+    return out
+
+
+def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder LoRA keys under `text_model.`, the name every diffusers/transformers version
+    knows (diffusers strips it again for transformers >= 5, whose CLIPTextModel lacks that level)."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+
+
+def adapter_architecture(unet) -> str:
+    """ "sdxl" for a UNet with SDXL's text-time embedding, else "sd15"."""
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd15"
 
 
 def save_adapter(
@@ -89,65 +129,90 @@ def save_adapter(
     text_encoder=None,
     name: str,
     metadata: dict[str, Any],
-    config_json: str,
+    config_json: str | None,
     metrics_file: Path | None = None,
     samples_dir: Path | None = None,
+    text_encoder_2=None,
+    peft_adapter: str = "default",
 ) -> Path:
-    """Write the complete adapter folder atomically; an existing folder is replaced only on success."""
-    from diffusers import StableDiffusionPipeline
+    """Write the complete adapter folder atomically; an existing folder is replaced only on success.
+
+    The architecture (SD 1.5 or SDXL) comes from the UNet; `text_encoder_2` is SDXL's second text
+    encoder. `peft_adapter` names the peft adapter on the models to save.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
     name = sanitize_name(name)
-    unet_lora = peft_lora_state(unet)
-    te_lora = peft_lora_state(text_encoder) if text_encoder is not None and _has_lora(text_encoder) else None
+    arch = adapter_architecture(unet)
+    unet_lora = peft_lora_state(unet, peft_adapter)
     if not unet_lora:
         raise TrainingError("The UNet has no LoRA weights to save.")
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    te_loras = {
+        key: peft_lora_state(model, peft_adapter)
+        for key, model in encoders.items()
+        if model is not None and _has_lora(model)
+    }
     check_finite(unet_lora, "UNet LoRA weights")
-    if te_lora:
+    for te_lora in te_loras.values():
         check_finite(te_lora, "text-encoder LoRA weights")
-    unet_cfg = unet.peft_config["default"]
+    unet_cfg = unet.peft_config[peft_adapter]
     alpha = float(unet_cfg.lora_alpha)
+    rank = int(unet_cfg.r)
+    te_prefix = "lora_te1" if arch == "sdxl" else "lora_te"
+    alphas = _module_alphas(unet, "lora_unet", peft_adapter)
+    for key, prefix in (("text_encoder", te_prefix), ("text_encoder_2", "lora_te2")):
+        if key in te_loras:
+            alphas.update(_module_alphas(encoders[key], prefix, peft_adapter))
+
+    save_kwargs: dict[str, Any] = dict(
+        unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(),
+        weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True,
+    )
+    for key, te_lora in te_loras.items():
+        save_kwargs[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
+        save_kwargs[f"{key}_lora_adapter_metadata"] = encoders[key].peft_config[peft_adapter].to_dict()
+    pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
     adapter_dir = Path(adapter_dir)
     with atomic_directory(adapter_dir) as tmp:
         # The adapter metadata carries lora_alpha: without it diffusers would load alpha = rank and
         # silently scale the update wrongly whenever alpha != rank.
-        StableDiffusionPipeline.save_lora_weights(
-            tmp,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_lora) if te_lora else None,
-            unet_lora_adapter_metadata=unet_cfg.to_dict(),
-            text_encoder_lora_adapter_metadata=(
-                text_encoder.peft_config["default"].to_dict() if te_lora else None
-            ),
-            weight_name=LORA_WEIGHT_NAME,
-            safe_serialization=True,
-        )
-        rank = int(unet_cfg.r)
+        pipeline_class.save_lora_weights(tmp, **save_kwargs)
         save_file(
-            to_kohya(unet_lora, te_lora, alpha),
+            to_kohya(
+                unet_lora,
+                te_loras.get("text_encoder"),
+                alphas,
+                te_prefix=te_prefix,
+                te2_lora=te_loras.get("text_encoder_2"),
+            ),
             str(tmp / f"{name}.safetensors"),
             metadata={
                 "ss_network_module": "networks.lora",
                 "ss_network_dim": str(rank),
                 "ss_network_alpha": str(alpha),
-                "ss_base_model_version": "sd_v1",
+                "ss_base_model_version": "sdxl_base_v1-0" if arch == "sdxl" else "sd_v1",
                 "ss_output_name": name,
             },
         )
         info = {
             "name": name,
-            "architecture": "sd15",
+            "architecture": arch,
             "rank": rank,
             "alpha": alpha,
-            "text_encoder_lora": bool(te_lora),
+            "text_encoder_lora": bool(te_loras),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": f"{name}.safetensors"},
             **metadata,
         }
         (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        (tmp / "config.json").write_text(config_json.rstrip() + "\n")
+        if config_json is not None:
+            (tmp / "config.json").write_text(config_json.rstrip() + "\n")
         if metrics_file is not None and metrics_file.exists():
             shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
         else:
@@ -175,6 +240,16 @@ def read_adapter(adapter_dir: str | Path) -> dict[str, Any]:
 def model_card(info: dict[str, Any]) -> str:
     name = info["name"]
     trigger = info.get("token") or ""
+    sdxl = info.get("architecture") == "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    checkpoint = "an SDXL" if sdxl else "an SD 1.5"
+    if info.get("imported"):
+        origin = f"Imported from `{info.get('source_file', '')}` for `{info.get('base_model', '')}`."
+    else:
+        origin = (
+            f"A DreamBooth LoRA (rank {info['rank']}, alpha {info['alpha']:g}) trained with DreamBooth "
+            f"Studio on\n`{info.get('base_model', '')}` for {info.get('steps', '?')} steps."
+        )
     return f"""---
 library_name: diffusers
 base_model: {info.get("base_model", "")}
@@ -184,8 +259,7 @@ instance_prompt: {json.dumps(info.get("instance_prompt", ""))}
 
 # {name}
 
-A DreamBooth LoRA (rank {info["rank"]}, alpha {info["alpha"]:g}) trained with DreamBooth Studio on
-`{info.get("base_model", "")}` for {info.get("steps", "?")} steps.
+{origin}
 
 - Instance prompt: `{info.get("instance_prompt", "")}`
 - Trigger word: `{trigger}`
@@ -196,14 +270,14 @@ A DreamBooth LoRA (rank {info["rank"]}, alpha {info["alpha"]:g}) trained with Dr
 diffusers:
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{info.get("base_model", "")}")
+from diffusers import {pipeline_class}
+pipe = {pipeline_class}.from_pretrained("{info.get("base_model", "")}")
 pipe.load_lora_weights("path/to/this/folder")
 image = pipe("{info.get("instance_prompt", "")}").images[0]
 ```
 
 AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
-`<lora:{name}:1> {info.get("instance_prompt", "")}`.
+`<lora:{name}:1> {info.get("instance_prompt", "")}` with {checkpoint} checkpoint selected.
 
 ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
 """

@@ -205,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model", help="Save a tiny random model (offline; produces noise) for tests."
     )
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--arch", choices=["sd15"], default="sd15", help="Architecture (sd15).")
+    p.add_argument(
+        "--arch",
+        choices=["sd15", "sdxl"],
+        default="sd15",
+        help="Architecture: sd15 or sdxl (two text encoders).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.set_defaults(func=cmd_make_tiny_model)
 

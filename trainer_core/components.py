@@ -1,9 +1,12 @@
 """Base model parts: load them from a Hub id, a local diffusers folder or a single-file checkpoint,
-build the tiny offline test model, and attach LoRA adapters with peft.
+build the tiny offline test models, and attach LoRA adapters with peft.
 
 `tiny-sd15` is a random model with the real SD 1.5 layout (CLIP text encoder, KL VAE with four
-blocks, a UNet with three cross-attention down blocks) at toy widths. It is written once to a cache
-folder and then loaded through the same `from_pretrained` path as a real model.
+blocks, a UNet with three cross-attention down blocks) at toy widths; `tiny-sdxl` one with the SDXL
+layout (two text encoders, the second with a pooled projection, a UNet whose first block has no
+attention and whose "text_time" embedding takes the pooled prompt and the image sizes). They are
+written once to a cache folder and then loaded through the same `from_pretrained` path as a real
+model. SDXL parts carry `text_encoder_2` and `tokenizer_2`; `is_sdxl(parts)` tells them apart.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from typing import Any
 import torch
 
 from .events import TrainingError
-from .shapes import TINY_SD15, SD15Shape
+from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15",)
+TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+ARCHITECTURES = ("sd15", "sdxl")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -68,7 +72,7 @@ def build_sd15(shape: SD15Shape, seed: int = 0) -> dict[str, Any]:
 
     The tokenizer is the locally generated character-level CLIP tokenizer (no Hub).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()
@@ -113,8 +117,16 @@ def build_sd15(shape: SD15Shape, seed: int = 0) -> dict[str, Any]:
             projection_dim=shape.text_hidden,
         )
     )
-    # The real SD 1.5 training schedule.
-    scheduler = DDPMScheduler(
+    return dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_training_scheduler()
+    )
+
+
+def _training_scheduler():
+    """The SD 1.5 / SDXL training noise schedule (both models were trained on it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -123,7 +135,109 @@ def build_sd15(shape: SD15Shape, seed: int = 0) -> dict[str, Any]:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def build_sdxl(shape: SDXLShape, seed: int = 0) -> dict[str, Any]:
+    """Random SDXL-architecture components at `shape`'s widths (both tokenizers generated here)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer()
+    blocks = len(shape.unet_channels)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=shape.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (blocks - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (blocks - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=shape.transformer_layers_per_block,
+        attention_head_dim=shape.attention_head_dim,
+        cross_attention_dim=shape.text_hidden + shape.text2_hidden,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=shape.addition_time_embed_dim,
+        # pooled text embedding + 6 size numbers, each embedded in addition_time_embed_dim
+        projection_class_embeddings_input_dim=shape.text2_projection + 6 * shape.addition_time_embed_dim,
+        norm_num_groups=shape.norm_groups,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=shape.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
+        latent_channels=4,
+        layers_per_block=shape.vae_layers_per_block,
+        norm_num_groups=shape.norm_groups,
+        sample_size=shape.resolution,
+        scaling_factor=0.13025,  # SDXL's
+        force_upcast=True,  # SDXL's VAE overflows in fp16
+    )
+
+    def clip_config(hidden, layers, heads, intermediate, projection, act):
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=projection,
+            hidden_act=act,
+        )
+
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        clip_config(
+            shape.text_hidden,
+            shape.text_layers,
+            shape.text_heads,
+            shape.text_intermediate,
+            shape.text_hidden,
+            "quick_gelu",
+        )
+    )
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        clip_config(
+            shape.text2_hidden,
+            shape.text2_layers,
+            shape.text2_heads,
+            shape.text2_intermediate,
+            shape.text2_projection,
+            "gelu",
+        )
+    )
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=_training_scheduler(),
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
+    """Tiny random SDXL-architecture components, built offline in about a second."""
+    return build_sdxl(TINY_SDXL, seed)
+
+
+def is_sdxl(parts: dict[str, Any]) -> bool:
+    return parts.get("text_encoder_2") is not None
+
+
+def architecture(parts: dict[str, Any]) -> str:
+    """ "sdxl" or "sd15" for loaded parts."""
+    return "sdxl" if is_sdxl(parts) else "sd15"
 
 
 def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
@@ -132,29 +246,42 @@ def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
 
 
 def assemble_pipeline(parts: dict[str, Any], scheduler=None):
-    """A StableDiffusionPipeline over already-loaded parts (no copy), progress bar off.
+    """A StableDiffusionPipeline, or for SDXL parts a StableDiffusionXLPipeline, over already-loaded
+    parts (no copy), progress bar off.
 
-    No safety checker: the models are the user's own, and the checker is a separate download.
-    `scheduler` replaces the parts' (training) scheduler, e.g. a DPM-Solver for sampling.
+    No safety checker and no watermarker: the models are the user's own, and the checker is a
+    separate download. `scheduler` replaces the parts' (training) scheduler, e.g. a DPM-Solver.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        scheduler=scheduler or parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if is_sdxl(parts):
+        pipe = StableDiffusionXLPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            text_encoder_2=parts["text_encoder_2"],
+            tokenizer=parts["tokenizer"],
+            tokenizer_2=parts["tokenizer_2"],
+            unet=parts["unet"],
+            scheduler=scheduler or parts["scheduler"],
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=parts["vae"],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            unet=parts["unet"],
+            scheduler=scheduler or parts["scheduler"],
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def save_sd15(parts: dict[str, Any], out_dir: str | Path, *, tiny: bool) -> Path:
-    """Write components as a diffusers folder (atomically), loadable by `from_pretrained`."""
+    """Write components (SD 1.5 or SDXL) as a diffusers folder (atomically), loadable by `from_pretrained`."""
     from .fileio import atomic_directory
 
     out = Path(out_dir)
@@ -162,15 +289,20 @@ def save_sd15(parts: dict[str, Any], out_dir: str | Path, *, tiny: bool) -> Path
     with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if tiny:
-            (tmp / "dreambooth_studio.json").write_text(json.dumps({"tiny": True, "arch": "sd15"}) + "\n")
+            marker = {"tiny": True, "arch": architecture(parts)}
+            (tmp / "dreambooth_studio.json").write_text(json.dumps(marker) + "\n")
     return out
 
 
+save_model = save_sd15
+
+
 def make_tiny_model(out_dir: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
-    """Save a tiny random model as a diffusers folder loadable by `from_pretrained`."""
-    if arch != "sd15":
-        raise ValueError(f"arch: only 'sd15' is supported so far, got {arch!r}")
-    return save_sd15(build_tiny_sd15(seed), out_dir, tiny=True)
+    """Save a tiny random model ("sd15" or "sdxl") as a diffusers folder loadable by `from_pretrained`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch: must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    parts = build_tiny_sdxl(seed) if arch == "sdxl" else build_tiny_sd15(seed)
+    return save_model(parts, out_dir, tiny=True)
 
 
 def tiny_model_dir(name: str) -> Path:
@@ -261,7 +393,8 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     single_file_config: str | None = None,
 ) -> tuple[dict[str, Any], ModelSource]:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler.
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler (for SDXL also
+    `tokenizer_2` and `text_encoder_2`), from a Hub id, a diffusers folder or a single file.
 
     Returns the parts and where they came from. Errors are TrainingError with one sentence.
     """
@@ -285,23 +418,56 @@ def load_components(
             raise TrainingError(
                 f"Could not download the base model '{source.name}' from the Hugging Face Hub: {_first_line(e2)}"
             ) from e2
-    unet, text_encoder = parts["unet"], parts["text_encoder"]
-    _check_sd15_layout(unet, text_encoder, source)
+    _check_layout(parts, source)
     return parts, source
 
 
 def _from_pretrained(loc: str, dtype: torch.dtype, *, local_only: bool) -> dict[str, Any]:
+    """The parts of a diffusers folder or Hub repo; SDXL (a "text_time" UNet) adds the second
+    tokenizer and text encoder (with its pooled projection)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     kw: dict[str, Any] = dict(local_files_only=local_only)
-    return dict(
+    unet = UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw)
+    parts = dict(
         tokenizer=CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer", **kw),
         text_encoder=CLIPTextModel.from_pretrained(loc, subfolder="text_encoder", dtype=dtype, **kw),
         vae=AutoencoderKL.from_pretrained(loc, subfolder="vae", torch_dtype=dtype, **kw),
-        unet=UNet2DConditionModel.from_pretrained(loc, subfolder="unet", torch_dtype=dtype, **kw),
+        unet=unet,
         scheduler=DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw),
     )
+    if _unet_is_sdxl(unet):
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer_2", **kw)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            loc, subfolder="text_encoder_2", dtype=dtype, **kw
+        )
+    return parts
+
+
+def _unet_is_sdxl(unet) -> bool:
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def load_vae(vae: str, *, dtype: torch.dtype = torch.float32):
+    """A replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix) from a Hub id or a local folder that
+    holds either the VAE itself (config.json) or a whole model (vae/config.json)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    local = path.is_dir()
+    if local:
+        loc, subfolder = str(path), (None if (path / "config.json").exists() else "vae")
+    elif vae.startswith((".", "/", "~")):
+        raise TrainingError(f"The VAE folder {vae} does not exist.")
+    else:
+        loc, subfolder = vae, None
+    try:
+        return AutoencoderKL.from_pretrained(
+            loc, subfolder=subfolder, torch_dtype=dtype, local_files_only=local or _hub_offline()
+        )
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"Could not load the VAE {vae}: {_first_line(e)}") from e
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -320,16 +486,34 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def single_file_architecture(path: str | Path) -> str:
+    """ "sdxl" or "sd15" from a single-file checkpoint's tensor names (read from its header only)."""
+    from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a bad header
+        raise TrainingError(
+            f"Could not load the single-file checkpoint {Path(path).name}: {_first_line(e)}."
+        ) from e
+    # SDXL checkpoints hold a second text encoder ("conditioner.embedders.1") and the size embedding.
+    sdxl = any(k.startswith("conditioner.embedders.1.") or ".label_emb." in k for k in keys)
+    return "sdxl" if sdxl else "sd15"
+
+
+def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | None) -> dict[str, Any]:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    arch = single_file_architecture(source.location)
+    pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     kw: dict[str, Any] = dict(torch_dtype=dtype, local_files_only=_hub_offline())
     if config is not None:
         config_source = resolve_base_model(config)
         kw["config"] = config_source.location
         kw["local_files_only"] = kw["local_files_only"] or config_source.kind != "hub"
     try:
-        pipe = StableDiffusionPipeline.from_single_file(source.location, **kw)
+        pipe = pipeline_class.from_single_file(source.location, **kw)
     except Exception as e:  # diffusers raises many types here (OSError, ValueError, KeyError)
         hint = (
             "; offline, pass the matching diffusers folder with --single-file-config"
@@ -339,22 +523,28 @@ def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | 
         raise TrainingError(
             f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}{hint}."
         ) from e
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return dict(
+    parts = dict(
         tokenizer=pipe.tokenizer,
         text_encoder=pipe.text_encoder,
         vae=pipe.vae,
         unet=pipe.unet,
-        scheduler=scheduler,
+        scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
     )
+    if arch == "sdxl":
+        parts.update(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
+    _check_layout(parts, source)
+    return parts
 
 
-def _check_sd15_layout(unet, text_encoder, source: ModelSource) -> None:
-    if getattr(unet.config, "addition_embed_type", None) == "text_time":
-        raise TrainingError(
-            f"'{source.name}' is an SDXL model; SDXL training is not supported yet, use an SD 1.5 model."
-        )
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+def _check_layout(parts: dict[str, Any], source: ModelSource) -> None:
+    """The UNet's cross-attention width must be the text encoder(s)' hidden size(s) together."""
+    unet = parts["unet"]
+    if _unet_is_sdxl(unet) != is_sdxl(parts):
+        raise TrainingError(f"'{source.name}' has a UNet and text encoders of different architectures.")
+    width = parts["text_encoder"].config.hidden_size
+    if is_sdxl(parts):
+        width += parts["text_encoder_2"].config.hidden_size
+    if unet.config.cross_attention_dim != width:
         raise TrainingError(f"'{source.name}' has a UNet and text encoder that do not match.")
 
 
@@ -396,13 +586,21 @@ def text_encoder_lora_config(rank: int, alpha: float):
     )
 
 
-def add_lora(unet, text_encoder, *, rank: int, alpha: float, train_text_encoder: bool) -> None:
-    """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params."""
+def add_lora(
+    unet, text_encoder, *, rank: int, alpha: float, train_text_encoder: bool, text_encoder_2=None
+) -> None:
+    """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params.
+
+    With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA.
+    """
+    encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for te in encoders:
+        te.requires_grad_(False)
     unet.add_adapter(unet_lora_config(rank, alpha))
     if train_text_encoder:
-        text_encoder.add_adapter(text_encoder_lora_config(rank, alpha))
+        for te in encoders:
+            te.add_adapter(text_encoder_lora_config(rank, alpha))
 
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:

@@ -38,10 +38,16 @@ class TrainConfig:
     output_dir: str = _f("", "Run folder: checkpoints, samples, metrics and the finished adapter go here.")
     base_model: str = _f(
         "tiny-sd15",
-        "Hub id, local diffusers folder, single-file .safetensors checkpoint, or tiny-sd15 (offline test model).",
+        "Hub id, local diffusers folder or single-file .safetensors checkpoint (SD 1.5 or SDXL), "
+        "or tiny-sd15 / tiny-sdxl (offline test models).",
     )
     single_file_config: str | None = _f(
         None, "For a single-file base model: a diffusers folder or Hub id with its configs (needed offline)."
+    )
+    pretrained_vae: str | None = _f(
+        None,
+        "A replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
+        "the model's VAE runs in fp32 otherwise (SDXL's overflows in fp16).",
     )
     adapter_name: str | None = _f(None, "Name of the adapter (default: derived from the instance prompt).")
     token: str | None = _f(
@@ -65,7 +71,9 @@ class TrainConfig:
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank).")
     train_text_encoder: bool = _f(False, "Also train a LoRA on the text encoder's attention.")
     # data
-    resolution: int | None = _f(None, "Training resolution in pixels (default: the model's, 512 for SD 1.5).")
+    resolution: int | None = _f(
+        None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
+    )
     random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
     # optimisation
     max_train_steps: int = _f(400, "Optimizer steps to train.")

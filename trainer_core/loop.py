@@ -1,7 +1,8 @@
-"""The prior-preservation DreamBooth LoRA loop (SD 1.5), on accelerate.
+"""The prior-preservation DreamBooth LoRA loop (SD 1.5 and SDXL), on accelerate.
 
 Read it top to bottom: `train()` loads the model, makes class images, caches VAE latents and prompt
-embeddings once, attaches LoRA, then runs the steps. Every random draw of a step (which photos,
+embeddings once, attaches LoRA, then runs the steps. SDXL adds a second text encoder, a pooled
+prompt embedding and per-image size conditioning (`add_time_ids`), all cached with the rest. Every random draw of a step (which photos,
 noise, timesteps, latent sample) comes from a generator seeded by (seed, micro-step, process), so a
 run stopped and resumed from a checkpoint takes exactly the steps an unbroken run takes.
 """
@@ -28,6 +29,7 @@ from .components import (
     assemble_pipeline,
     default_resolution,
     load_components,
+    load_vae,
     lora_parameters,
     resolve_base_model,
 )
@@ -61,6 +63,7 @@ class TrainResult:
     # The trained models (unwrapped, LoRA attached), for in-process callers and tests.
     unet: Any = field(default=None, repr=False)
     text_encoder: Any = field(default=None, repr=False)
+    text_encoder_2: Any = field(default=None, repr=False)  # SDXL's second text encoder
 
 
 @dataclass
@@ -75,6 +78,11 @@ class _Cache:
     prompt_embeds: torch.Tensor | None  # (num_prompts, 77, dim) when the text encoder is frozen
     prompt_input_ids: torch.Tensor  # (num_prompts, 77)
     scaling_factor: float  # the VAE's latent scale
+    # SDXL only
+    prompt_input_ids_2: torch.Tensor | None = None  # (num_prompts, 77), the second tokenizer's
+    pooled_prompt_embeds: torch.Tensor | None = None  # (num_prompts, projection) when frozen
+    instance_time_ids: list[torch.Tensor] | None = None  # each (flips, 6): size, crop, target
+    class_time_ids: list[torch.Tensor] | None = None
 
 
 def run_paths(output_dir: Path) -> dict[str, Path]:
@@ -187,16 +195,21 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     with accelerator.main_process_first():
         resolve_base_model(config.base_model)
     parts, source = load_components(config.base_model, single_file_config=config.single_file_config)
+    if config.pretrained_vae:
+        parts["vae"] = load_vae(config.pretrained_vae)
     tokenizer, text_encoder, vae, unet = (
         parts["tokenizer"],
         parts["text_encoder"],
         parts["vae"],
         parts["unet"],
     )
+    # SDXL: a second tokenizer and text encoder (None for SD 1.5).
+    tokenizer_2, text_encoder_2 = parts.get("tokenizer_2"), parts.get("text_encoder_2")
+    text_encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     noise_scheduler = parts["scheduler"]
     if config.prediction_type:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
-    for m in (text_encoder, vae, unet):
+    for m in (*text_encoders, vae, unet):
         m.requires_grad_(False)
         m.eval()
     resolution = config.resolution or default_resolution(unet, vae)
@@ -207,13 +220,23 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     if config.with_prior_preservation:
         class_paths = _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop)
 
-    # 4. Latents and prompt embeddings, computed once; then the VAE leaves the device.
+    # 4. Latents and prompt embeddings, computed once; then the VAE leaves the device. The VAE
+    # runs in fp32 (loaded so, never cast): SDXL's overflows to NaN in fp16.
     cache = _build_cache(
-        config, examples, class_paths, tokenizer, text_encoder, vae, resolution, device, emit
+        config,
+        examples,
+        class_paths,
+        [tokenizer, tokenizer_2] if text_encoder_2 is not None else [tokenizer],
+        text_encoders,
+        vae,
+        resolution,
+        device,
+        emit,
     )
     vae.to("cpu")
     if not config.train_text_encoder:
-        text_encoder.to("cpu")
+        for te in text_encoders:
+            te.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -228,20 +251,23 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         rank=config.rank,
         alpha=config.lora_alpha,
         train_text_encoder=config.train_text_encoder,
+        text_encoder_2=text_encoder_2,
     )
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
     unet.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     if config.train_text_encoder:
-        text_encoder.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
+        for te in text_encoders:
+            te.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
 
-    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+    trained = [unet, *text_encoders] if config.train_text_encoder else [unet]
     cast_training_params(trained, dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for te in text_encoders:
+                te.gradient_checkpointing_enable()
     if config.enable_xformers:
         _enable_xformers(unet)
 
@@ -255,17 +281,24 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     )
     # The lr scheduler is stepped by hand once per optimizer step, so it is not prepared.
     if config.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
+        text_encoder = text_encoders[0]
+        text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     # The prepared (DDP-wrapped) models: accumulate() skips their gradient all-reduce between
     # micro-steps only when it is given these, not the bare modules.
-    trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+    trained = [unet, *text_encoders] if config.train_text_encoder else [unet]
 
     global_step, seconds_before = 0, 0.0
     if resume_state is not None:
         ckpt_path, state, lora_state, optimizer_state, scheduler_state = resume_state
-        _load_lora_state(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), lora_state)
+        _load_lora_state(
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(text_encoder),
+            lora_state,
+            text_encoder_2=accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None,
+        )
         optimizer.load_state_dict(optimizer_state)
         lr_scheduler.load_state_dict(scheduler_state)
         global_step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
@@ -288,12 +321,15 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         noise_scheduler=noise_scheduler,
         resolution=resolution,
         emit=emit,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
     t0 = time.perf_counter()
     stopped = False
     unet.train()
     if config.train_text_encoder:
-        text_encoder.train()
+        for te in text_encoders:
+            te.train()
     if main:
         write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
     status_written = time.monotonic()
@@ -305,16 +341,17 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
             gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
             slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
             with accelerator.accumulate(*trained):
-                latents, prompt_embeds = _make_batch(
+                latents, prompt_embeds, added_cond = _make_batch(
                     cache,
                     slots,
                     config,
                     gen,
                     device,
                     weight_dtype,
-                    text_encoder if config.train_text_encoder else None,
+                    text_encoders if config.train_text_encoder else None,
                 )
-                # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim)
+                # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
+                # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5
                 noise = torch.randn(latents.shape, generator=gen).to(device)
                 if config.noise_offset:
                     noise += config.noise_offset * torch.randn(
@@ -328,7 +365,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                     target = noise_scheduler.get_velocity(latents, noise, timesteps)
                 else:
                     target = noise
-                noise_pred = unet(noisy_latents.to(weight_dtype), timesteps, prompt_embeds).sample
+                noise_pred = unet(
+                    noisy_latents.to(weight_dtype), timesteps, prompt_embeds, added_cond_kwargs=added_cond
+                ).sample
                 # Per-sample MSE, optionally min-SNR weighted; instance and class halves apart.
                 per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(
                     dim=(1, 2, 3)
@@ -409,6 +448,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 lr_scheduler,
                 seconds,
                 emit,
+                text_encoder_2=text_encoder_2,
             )
         if (
             config.validation_steps
@@ -423,6 +463,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     # 7. Final samples and the adapter.
     unet_model = accelerator.unwrap_model(unet)
     te_model = accelerator.unwrap_model(text_encoder)
+    te2_model = accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None
     seconds = seconds_before + time.perf_counter() - t0
     status = "stopped" if stopped else "finished"
     adapter_dir = None
@@ -435,6 +476,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 paths["adapter"],
                 unet=unet_model,
                 text_encoder=te_model if config.train_text_encoder else None,
+                text_encoder_2=te2_model if config.train_text_encoder else None,
                 name=name,
                 metadata={
                     "base_model": config.base_model,
@@ -476,7 +518,9 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
             summary=summary,
         )
     emit(Finished(status, summary))
-    return TrainResult(status, summary, adapter_dir, unet=unet_model, text_encoder=te_model)
+    return TrainResult(
+        status, summary, adapter_dir, unet=unet_model, text_encoder=te_model, text_encoder_2=te2_model
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,44 +600,61 @@ def _build_cache(
     config,
     examples: list[Example],
     class_paths: list[Path],
-    tokenizer,
-    text_encoder,
+    tokenizers: list,
+    text_encoders: list,
     vae,
     resolution: int,
     device,
     emit,
 ) -> _Cache:
+    """VAE latent distributions of every image (and flip), the prompts' token ids and, with frozen
+    text encoders, their embeddings; for SDXL also each image's size conditioning."""
     emit(StageStarted("cache", "encoding photos and prompts once", total=len(examples) + len(class_paths)))
     vae.to(device)
+    vae_dtype = next(vae.parameters()).dtype
     flips = (False, True) if config.random_flip else (False,)
+    sdxl = len(text_encoders) > 1
 
-    def encode(paths: list[Path], done_before: int) -> list[torch.Tensor]:
-        dists = []
+    def encode(paths: list[Path], done_before: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        dists, time_ids = [], []
         for i, p in enumerate(paths):
             image = load_rgb(p)
-            pixels = torch.stack([image_to_tensor(image, resolution, flip=f) for f in flips]).to(device)
-            dist = vae.encode(pixels).latent_dist
-            latent_params = torch.stack([dist.mean, dist.std], dim=1).cpu()  # (flips, 2, 4, h, w)
+            pixels = torch.stack([image_to_tensor(image, resolution, flip=f) for f in flips])
+            dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
+            latent_params = torch.stack([dist.mean, dist.std], dim=1).float().cpu()  # (flips, 2, 4, h, w)
             if not torch.isfinite(latent_params).all():
-                raise TrainingError(f"The VAE produced NaN for {p.name}; re-export the image and try again.")
+                fix = (
+                    "use --pretrained-vae with an fp16-fix VAE or keep the VAE in fp32"
+                    if vae_dtype != torch.float32
+                    else "re-export the image, or try another VAE with --pretrained-vae"
+                )
+                raise TrainingError(f"The VAE produced NaN or infinite latents for {p.name}; {fix}.")
             dists.append(latent_params)
+            if sdxl:
+                time_ids.append(torch.tensor([sdxl_time_ids(image.size, resolution, f) for f in flips]))
             emit(Progress("cache", done_before + i + 1, len(examples) + len(class_paths)))
-        return dists
+        return dists, time_ids
 
-    instance = encode([e.path for e in examples], 0)
-    klass = encode(class_paths, len(examples))
+    instance, instance_time_ids = encode([e.path for e in examples], 0)
+    klass, class_time_ids = encode(class_paths, len(examples))
     prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
-    input_ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    embeds = None
+    input_ids = [
+        tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        for tok in tokenizers
+    ]
+    embeds = pooled = None
     if not config.train_text_encoder:
-        text_encoder.to(device)
-        embeds = text_encoder(input_ids.to(device))[0].float().cpu()
+        for te in text_encoders:
+            te.to(device)
+        embeds, pooled = encode_prompts(text_encoders, [ids.to(device) for ids in input_ids])
+        embeds = embeds.float().cpu()
+        pooled = pooled.float().cpu() if pooled is not None else None
     return _Cache(
         instance_latent_dists=instance,
         class_latent_dists=klass,
@@ -601,9 +662,46 @@ def _build_cache(
         class_prompt_id=prompts.index(config.class_prompt) if class_paths else None,
         prompts=prompts,
         prompt_embeds=embeds,
-        prompt_input_ids=input_ids,
+        prompt_input_ids=input_ids[0],
         scaling_factor=float(vae.config.scaling_factor),
+        prompt_input_ids_2=input_ids[1] if sdxl else None,
+        pooled_prompt_embeds=pooled,
+        instance_time_ids=instance_time_ids if sdxl else None,
+        class_time_ids=class_time_ids if sdxl else None,
     )
+
+
+def encode_prompts(text_encoders: list, input_ids: list[torch.Tensor]):
+    """Prompt embeddings as the pipelines compute them, so training and sampling condition alike.
+
+    SD 1.5: the text encoder's last hidden state, (n, 77, dim), and no pooled embedding.
+    SDXL: the penultimate hidden states of both encoders side by side, (n, 77, dim1 + dim2), and
+    the second encoder's projected pooled embedding, (n, projection), as
+    StableDiffusionXLPipeline.encode_prompt does.
+    """
+    if len(text_encoders) == 1:
+        return text_encoders[0](input_ids[0])[0], None
+    hidden = []
+    for te, ids in zip(text_encoders, input_ids, strict=True):
+        out = te(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out.text_embeds
+
+
+def sdxl_time_ids(size: tuple[int, int], resolution: int, flip: bool) -> list[int]:
+    """SDXL's size conditioning for one training image: original (height, width), the crop's
+    top-left corner in the resized image, and the target size.
+
+    The crop is the one `data.image_to_tensor` takes (short side resized to `resolution`, centred
+    crop); a flipped image's crop is measured from the mirrored side.
+    """
+    w, h = size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    if flip:
+        left = new_w - resolution - left
+    return [h, w, top, left, resolution, resolution]
 
 
 def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
@@ -614,26 +712,44 @@ def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
     return int(order[pos]), flip
 
 
-def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoder):
-    latents, prompt_ids = [], []
-    sources = [(cache.instance_latent_dists, cache.instance_prompt_ids, 1)]
+def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoders):
+    """Latents, prompt embeddings and (SDXL) added conditioning for one micro-batch.
+
+    `text_encoders` is None when they are frozen (cached embeddings are used), else the trained ones.
+    """
+    latents, prompt_ids, time_ids = [], [], []
+    sources = [(cache.instance_latent_dists, cache.instance_prompt_ids, cache.instance_time_ids, 1)]
     if config.with_prior_preservation:
-        sources.append((cache.class_latent_dists, None, 2))
+        sources.append((cache.class_latent_dists, None, cache.class_time_ids, 2))
     # Collate order matters: all instance samples first, then all class samples.
-    for dists, ids, salt in sources:
+    for dists, ids, sizes, salt in sources:
         for slot in slots:
             index, flip = _pick(len(dists), slot, config.seed, salt)
-            params = dists[index][1 if (flip and config.random_flip) else 0]  # (2, 4, h, w)
+            variant = 1 if (flip and config.random_flip) else 0
+            params = dists[index][variant]  # (2, 4, h, w)
             mean, std = params[0], params[1]
             sample = mean + std * torch.randn(mean.shape, generator=gen)
             latents.append(sample * cache.scaling_factor)
             prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
+            if sizes is not None:
+                time_ids.append(sizes[index][variant])
     latents_t = torch.stack(latents).to(device)
-    if text_encoder is None:
+    if text_encoders is None:
         prompt_embeds = cache.prompt_embeds[prompt_ids].to(device, dtype=weight_dtype)
+        pooled = cache.pooled_prompt_embeds
+        pooled = pooled[prompt_ids].to(device, dtype=weight_dtype) if pooled is not None else None
     else:
-        prompt_embeds = text_encoder(cache.prompt_input_ids[prompt_ids].to(device))[0]
-    return latents_t, prompt_embeds
+        input_ids = [cache.prompt_input_ids, cache.prompt_input_ids_2][: len(text_encoders)]
+        prompt_embeds, pooled = encode_prompts(
+            text_encoders, [ids[prompt_ids].to(device) for ids in input_ids]
+        )
+    if cache.instance_time_ids is None:
+        return latents_t, prompt_embeds, None
+    added_cond = {
+        "text_embeds": pooled,
+        "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
+    }
+    return latents_t, prompt_embeds, added_cond
 
 
 def _make_optimizer(config: TrainConfig, params):
@@ -665,20 +781,33 @@ def _enable_xformers(unet) -> None:
         raise TrainingError(f"xformers is not usable here ({e}); turn it off to use SDPA attention.") from e
 
 
-def _lora_state_for_checkpoint(unet, text_encoder, with_te: bool) -> dict[str, torch.Tensor]:
+def _lora_state_for_checkpoint(
+    unet, text_encoder, with_te: bool, text_encoder_2=None
+) -> dict[str, torch.Tensor]:
     state = {f"unet.{k}": v for k, v in adapters.peft_lora_state(unet).items()}
     if with_te:
         state.update({f"text_encoder.{k}": v for k, v in adapters.peft_lora_state(text_encoder).items()})
+        if text_encoder_2 is not None:
+            state.update(
+                {f"text_encoder_2.{k}": v for k, v in adapters.peft_lora_state(text_encoder_2).items()}
+            )
     return state
 
 
-def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor]) -> None:
+def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor], text_encoder_2=None) -> None:
     from peft.utils import set_peft_model_state_dict
 
-    for prefix, model in (("unet.", unet), ("text_encoder.", text_encoder)):
+    # "text_encoder." does not match "text_encoder_2." keys: the dot ends the prefix.
+    for prefix, model in (
+        ("unet.", unet),
+        ("text_encoder.", text_encoder),
+        ("text_encoder_2.", text_encoder_2),
+    ):
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not part:
             continue
+        if model is None:
+            raise TrainingError("The checkpoint has LoRA weights for a second text encoder this model lacks.")
         result = set_peft_model_state_dict(model, part)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
@@ -688,14 +817,33 @@ def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor]) -> None
 
 
 def _save_checkpoint(
-    config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds, emit
+    config,
+    accelerator,
+    paths,
+    step,
+    unet,
+    text_encoder,
+    optimizer,
+    lr_scheduler,
+    seconds,
+    emit,
+    text_encoder_2=None,
 ) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         emit(StageStarted("save", f"saving checkpoint {step}"))
         try:
             path = _write_checkpoint(
-                config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds
+                config,
+                accelerator,
+                paths,
+                step,
+                unet,
+                text_encoder,
+                optimizer,
+                lr_scheduler,
+                seconds,
+                text_encoder_2=text_encoder_2,
             )
         except OSError as e:
             raise TrainingError(
@@ -707,12 +855,26 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, optimizer, lr_scheduler, seconds):
+def _write_checkpoint(
+    config,
+    accelerator,
+    paths,
+    step,
+    unet,
+    text_encoder,
+    optimizer,
+    lr_scheduler,
+    seconds,
+    text_encoder_2=None,
+):
     return checkpoints.save_checkpoint(
         paths["checkpoints"],
         step,
         lora_state=_lora_state_for_checkpoint(
-            accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), config.train_text_encoder
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(text_encoder),
+            config.train_text_encoder,
+            text_encoder_2=accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None,
         ),
         optimizer_state=optimizer.state_dict(),
         scheduler_state=lr_scheduler.state_dict(),
@@ -723,7 +885,19 @@ def _write_checkpoint(config, accelerator, paths, step, unet, text_encoder, opti
 
 @torch.no_grad()
 def _validate(
-    config, accelerator, paths, step, unet, text_encoder, vae, tokenizer, noise_scheduler, resolution, emit
+    config,
+    accelerator,
+    paths,
+    step,
+    unet,
+    text_encoder,
+    vae,
+    tokenizer,
+    noise_scheduler,
+    resolution,
+    emit,
+    text_encoder_2=None,
+    tokenizer_2=None,
 ):
     """Validation images with and without the token, same seeds at every step so they compare."""
     accelerator.wait_for_everyone()
@@ -733,17 +907,21 @@ def _validate(
 
     emit(StageStarted("validate", f"validation images at step {step}"))
     unet_model = accelerator.unwrap_model(unet)
-    te_model = accelerator.unwrap_model(text_encoder)
+    te_models = [accelerator.unwrap_model(te) for te in (text_encoder, text_encoder_2) if te is not None]
     device = accelerator.device
-    te_device = next(te_model.parameters()).device
+    te_devices = [next(te.parameters()).device for te in te_models]
     vae.to(device)
-    te_model.to(device)
     unet_model.eval()
-    te_model.eval()
+    for te in te_models:
+        te.to(device)
+        te.eval()
     scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    pipe = assemble_pipeline(
-        dict(vae=vae, text_encoder=te_model, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler)
+    parts = dict(
+        vae=vae, text_encoder=te_models[0], tokenizer=tokenizer, unet=unet_model, scheduler=scheduler
     )
+    if text_encoder_2 is not None:
+        parts.update(text_encoder_2=te_models[1], tokenizer_2=tokenizer_2)
+    pipe = assemble_pipeline(parts)
     out_dir = paths["samples"] / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt = config.effective_validation_prompt
@@ -767,9 +945,10 @@ def _validate(
                 image.save(target)
                 saved.append(str(target))
     vae.to("cpu")
-    te_model.to(te_device)
     unet_model.train()
-    if config.train_text_encoder:
-        te_model.train()
+    for te, te_device in zip(te_models, te_devices, strict=True):
+        te.to(te_device)
+        if config.train_text_encoder:
+            te.train()
     emit(SamplesSaved(step, saved))
     return out_dir
