@@ -134,6 +134,7 @@ def save_adapter(
     samples_dir: Path | None = None,
     text_encoder_2=None,
     peft_adapter: str = "default",
+    replace: bool = True,
 ) -> Path:
     """Write the complete adapter folder atomically; an existing folder is replaced only on success.
 
@@ -179,7 +180,7 @@ def save_adapter(
     pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
     adapter_dir = Path(adapter_dir)
-    with atomic_directory(adapter_dir) as tmp:
+    with atomic_directory(adapter_dir, replace=replace) as tmp:
         # The adapter metadata carries lora_alpha: without it diffusers would load alpha = rank and
         # silently scale the update wrongly whenever alpha != rank.
         pipeline_class.save_lora_weights(tmp, **save_kwargs)
@@ -281,3 +282,197 @@ AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
 
 ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------------------------
+
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_NOT_LORA = ("hada_w1", "lokr_w1", "lokr_w2", ".diff", "oft_blocks", "glora")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, judged by its content: a header length and a JSON header,
+    then raw tensors. Anything else (a pickle renamed .safetensors) is refused, never unpickled."""
+    from safetensors.torch import load_file
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            valid = 2 <= size <= min(100_000_000, path.stat().st_size - 8)
+            header = json.loads(f.read(size)) if valid else None
+        if not isinstance(header, dict):
+            raise ValueError("no safetensors header")
+        return load_file(str(path))
+    except Exception as e:  # ValueError, UnicodeDecodeError, safetensors' own error
+        raise TrainingError(
+            f"{path.name} is not a safetensors file (its content is not safetensors data); "
+            "pickled LoRA files are refused because loading them can run code."
+        ) from e
+
+
+def _lora_kind(state: dict[str, torch.Tensor], file_name: str) -> str:
+    """ "kohya" or "diffusers" (diffusers or peft keys), or a refusal sentence."""
+    keys = list(state)
+    if any(marker in k for k in keys for marker in _NOT_LORA):
+        raise TrainingError(
+            f"{file_name} is a LyCORIS (LoHa/LoKr/OFT) or diff network, not a LoRA; only LoRA files can be imported."
+        )
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    lora_markers = (
+        "lora_A",
+        "lora_B",
+        "lora.down",
+        "lora.up",
+        "lora_linear_layer",
+        "_lora.down",
+        "lora_down",
+    )
+    if any(m in k for k in keys for m in lora_markers):
+        return "diffusers"
+    raise TrainingError(
+        f"{file_name} holds no LoRA weights (no lora_unet_/lora_te keys and no lora_A/lora_B keys)."
+    )
+
+
+def _lora_architecture(converted_keys: list[str]) -> str | None:
+    """ "sd15" or "sdxl" from diffusers-format LoRA keys, when the keys say; None when they do not.
+
+    SDXL has a second text encoder, no attention in its first UNet block, and several transformer
+    layers per attention; SD 1.5 has attention in down block 0 and one transformer layer each.
+    """
+    if any(k.startswith("text_encoder_2.") for k in converted_keys):
+        return "sdxl"
+    unet_keys = [k for k in converted_keys if k.startswith("unet.")]
+    if any("down_blocks.0.attentions." in k for k in unet_keys):
+        return "sd15"
+    down_attention = any(re.search(r"down_blocks\.\d+\.attentions\.", k) for k in unet_keys)
+    if down_attention or any(re.search(r"transformer_blocks\.[1-9]|add_embedding", k) for k in unet_keys):
+        return "sdxl"  # attention in the down blocks but none in the first: SDXL's layout
+    return None
+
+
+_ARCH_LABEL = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+
+
+def import_adapter(
+    file: str | Path,
+    base_model: str,
+    adapters_dir: str | Path,
+    name: str | None = None,
+    *,
+    single_file_config: str | None = None,
+) -> Path:
+    """Add a LoRA file made elsewhere (diffusers/peft or kohya keys, `.safetensors` only) to the
+    adapter store as a complete adapter folder `adapters_dir/<name>`; returns that folder.
+
+    The file is checked by content (pickles are refused unread), for NaN/inf, for LoRA keys, and
+    against `base_model`: its architecture must match, and every module must load into the model
+    with the right shape. Any refusal is a TrainingError sentence and leaves the store unchanged.
+    """
+    import diffusers
+
+    from .components import architecture, assemble_pipeline, load_components
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"The LoRA file {file} does not exist.")
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise TrainingError(
+            f"{path.name} is a pickle file, which can run code when loaded; "
+            "only .safetensors LoRA files can be imported."
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise TrainingError(
+            f"{path.name} is not a .safetensors file; only .safetensors LoRA files can be imported."
+        )
+    state = read_safetensors(path)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingError(f"{path.name} contains NaN or infinite values ({key}); it was not imported.")
+    kind = _lora_kind(state, path.name)
+    name = sanitize_name(name or path.stem)
+    target = Path(adapters_dir) / name
+    if target.exists():
+        raise TrainingError(f"An adapter named {name} already exists in {adapters_dir}; choose another name.")
+
+    parts, _source = load_components(base_model, single_file_config=single_file_config)
+    base_arch = architecture(parts)
+    pipe = assemble_pipeline(parts)
+    try:
+        converted, _alphas = type(pipe).lora_state_dict(str(path), unet_config=parts["unet"].config)
+    except Exception as e:  # diffusers' converters raise ValueError / KeyError on foreign layouts
+        raise TrainingError(
+            f"{path.name} has LoRA keys diffusers cannot read ({type(e).__name__}: {e})."
+        ) from e
+    lora_arch = _lora_architecture(list(converted))
+
+    def refuse(why: str) -> TrainingError:
+        # The shapes decide; the key layout only names the architecture in the sentence.
+        if lora_arch is not None and lora_arch != base_arch:
+            return TrainingError(
+                f"{path.name} is an {_ARCH_LABEL[lora_arch]} LoRA and {base_model} is an "
+                f"{_ARCH_LABEL[base_arch]} model; import it with an {_ARCH_LABEL[lora_arch]} base model."
+            )
+        return TrainingError(
+            f"{path.name} does not fit the base model {base_model} ({why}); it is a LoRA for another model."
+        )
+
+    # diffusers logs a failed load at ERROR level before raising; the sentence below says it once.
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
+    try:
+        # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata.
+        pipe.load_lora_weights(str(path), adapter_name="default")
+    except Exception as e:  # size mismatches (RuntimeError), unknown modules (ValueError)
+        raise refuse("its layer shapes differ" if "size mismatch" in str(e) else _first_line(e)) from e
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+
+    modules_in_file = sum(
+        1 for k in state if k.endswith(("lora_down.weight", "lora_A.weight", "down.weight"))
+    )
+    encoders = {"text_encoder": parts["text_encoder"], "text_encoder_2": parts.get("text_encoder_2")}
+    loaded = {
+        key: model
+        for key, model in encoders.items()
+        if model is not None and "default" in (getattr(model, "peft_config", None) or {})
+    }
+    if "default" not in (getattr(parts["unet"], "peft_config", None) or {}):
+        raise refuse("no LoRA module matches a UNet layer")
+    modules_loaded = sum(len(peft_lora_state(m)) // 2 for m in (parts["unet"], *loaded.values()))
+    if modules_loaded < modules_in_file:
+        raise refuse(f"only {modules_loaded} of its {modules_in_file} LoRA modules match layers of the model")
+    metadata = {
+        "base_model": base_model,
+        "imported": True,
+        "source_file": path.name,
+        "source_format": kind,
+        "instance_prompt": None,
+        "token": None,
+        "class_prompt": None,
+        "steps": None,
+    }
+    try:
+        return save_adapter(
+            target,
+            unet=parts["unet"],
+            text_encoder=loaded.get("text_encoder"),
+            text_encoder_2=loaded.get("text_encoder_2"),
+            name=name,
+            metadata=metadata,
+            config_json=None,
+            replace=False,  # never overwrite an adapter that appeared meanwhile
+        )
+    except FileExistsError as e:
+        raise TrainingError(
+            f"An adapter named {name} already exists in {adapters_dir}; choose another name."
+        ) from e
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(err).__name__

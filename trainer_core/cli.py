@@ -1,4 +1,4 @@
-"""`python -m trainer_core ...`: make-tiny-model, train, generate.
+"""`python -m trainer_core ...`: make-tiny-model, train, generate, import-adapter.
 
 Progress goes to stderr (drawn here from the engine's events); `train` ends stdout with one JSON
 line. Bad arguments or input exit non-zero with one line, never a traceback. Ctrl-C during
@@ -197,6 +197,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_import_adapter(args) -> int:
+    from .adapters import import_adapter, read_adapter
+
+    _quiet_libraries()
+    folder = import_adapter(
+        args.file,
+        args.base_model,
+        args.adapters_dir,
+        name=args.name,
+        single_file_config=args.single_file_config,
+    )
+    info = read_adapter(folder)
+    print(
+        json.dumps({"adapter_dir": str(folder), "name": info["name"], "architecture": info["architecture"]})
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m trainer_core", description="DreamBooth LoRA training and generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -244,6 +262,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["dpm++", "euler_a", "ddim"], default="dpm++", help="Sampler.")
     p.add_argument("--out", required=True, metavar="FILE.png", help="Where to write the image.")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "import-adapter",
+        help="Add a LoRA .safetensors file (diffusers/peft or kohya keys) to the adapter store.",
+        description="Check a LoRA file (safetensors content, no NaN/inf, LoRA keys, fits the base model) "
+        "and add it as an adapter folder with diffusers and kohya weights. Pickle files are refused.",
+    )
+    p.add_argument("file", metavar="FILE", help="The LoRA file (.safetensors).")
+    p.add_argument(
+        "--base-model",
+        required=True,
+        help="The model it is for: Hub id, local folder, .safetensors file or tiny model.",
+    )
+    p.add_argument("--name", default=None, help="Adapter name (default: the file name).")
+    p.add_argument(
+        "--adapters-dir",
+        default="data/adapters",
+        metavar="DIR",
+        help="The adapter store (default: data/adapters).",
+    )
+    p.add_argument(
+        "--single-file-config",
+        default=None,
+        metavar="ID_OR_PATH",
+        help="For a single-file base model: a diffusers folder or Hub id with its configs.",
+    )
+    p.set_defaults(func=cmd_import_adapter)
     return parser
 
 
