@@ -1,11 +1,17 @@
-"""Write a diffusers SD 1.5 folder as ONE single-file checkpoint with the original CompVis/LDM key names
-that AUTOMATIC1111 and ComfyUI use, so tests can load a base model through `from_single_file`.
+"""Write a diffusers SD 1.5 or SDXL folder as ONE single-file checkpoint with the original CompVis/LDM
+(SGM for SDXL) key names that AUTOMATIC1111 and ComfyUI use, so tests can load a base model through
+`from_single_file`.
 
 The mapping is the inverse of what diffusers' single-file loader undoes:
 
     UNet          unet/...          -> model.diffusion_model.<ldm name>
     VAE           vae/...           -> first_stage_model.<ldm name>
     text encoder  text_encoder/...  -> cond_stage_model.transformer.text_model.<name>  (names unchanged)
+  SDXL:
+    text encoder  text_encoder/...  -> conditioner.embedders.0.transformer.text_model.<name>
+    2nd encoder   text_encoder_2/.. -> conditioner.embedders.1.model.<OpenCLIP name> (q/k/v merged into
+                                       attn.in_proj_*, text_projection transposed)
+    size embedding add_embedding.linear_1 / _2 -> label_emb.0.0 / label_emb.0.2
 
 UNet layout in LDM (layers_per_block = L, blocks b = 0..n-1):
     input_blocks.0.0                      conv_in
@@ -31,6 +37,8 @@ from safetensors.torch import load_file, save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # diffusers ResnetBlock2D sub-module -> LDM ResBlock sub-module
 UNET_RESNET = {
@@ -47,6 +55,8 @@ UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size + pooled-text embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 VAE_RESNET = {
     "norm1": "norm1",
@@ -155,6 +165,49 @@ def clip_ldm_key(key: str) -> str:
     return key if key.startswith("text_model.") else f"text_model.{key}"
 
 
+# diffusers CLIP encoder-layer sub-module -> OpenCLIP resblock sub-module
+OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def open_clip_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict in OpenCLIP names (without a prefix), as SDXL's
+    second text encoder is stored: q, k and v merged into one in_proj, text_projection transposed."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        k = key.removeprefix("text_model.")
+        module, param = _split(k)
+        if k == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = tensor
+        elif k == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = tensor
+        elif module == "final_layer_norm":
+            out[f"ln_final.{param}"] = tensor
+        elif key == "text_projection.weight":
+            out["text_projection"] = tensor.T.contiguous()
+        elif k.startswith("encoder.layers."):
+            parts = module.split(".")
+            layer, sub = int(parts[2]), ".".join(parts[3:])
+            if sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, param), {})[sub[-6]] = tensor
+            elif sub in OPEN_CLIP_LAYER:
+                out[f"transformer.resblocks.{layer}.{OPEN_CLIP_LAYER[sub]}.{param}"] = tensor
+            else:
+                raise KeyError(f"no OpenCLIP name for {key!r}")
+        elif "position_ids" not in k:
+            raise KeyError(f"no OpenCLIP name for {key!r}")
+    for (layer, param), parts in qkv.items():
+        merged = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = merged
+    return out
+
+
 def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -166,10 +219,11 @@ def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_single_file(diffusers_dir: str | Path, out_file: str | Path) -> dict[str, dict[str, str]]:
-    """Write the UNet, VAE and text encoder of `diffusers_dir` to `out_file` with LDM key names.
+    """Write the UNet, VAE and text encoder(s) of `diffusers_dir` to `out_file` with LDM key names.
 
-    Returns {"unet" | "vae" | "text_encoder": {diffusers key: full LDM key}}: every tensor written,
-    each once. Raises KeyError for any weight this mapping has no LDM name for.
+    Returns {"unet" | "vae" | "text_encoder" [| "text_encoder_2"]: {key: full LDM key}}: every tensor
+    written, each once (the second encoder's keys are its OpenCLIP names). Raises KeyError for any
+    weight this mapping has no LDM name for.
     """
     src = Path(diffusers_dir)
     unet_config = json.loads((src / "unet" / "config.json").read_text())
@@ -191,8 +245,13 @@ def write_single_file(diffusers_dir: str | Path, out_file: str | Path) -> dict[s
         if ".mid.attn_" in ldm_key and ldm_key.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]  # LDM's VAE attention uses 1x1 convs, diffusers linears
         put("vae", key, ldm_key, tensor)
+    sdxl = (src / "text_encoder_2").is_dir()
     for key, tensor in _load_folder(src / "text_encoder").items():
-        put("text_encoder", key, CLIP_PREFIX + clip_ldm_key(key), tensor)
+        put("text_encoder", key, (SDXL_CLIP_PREFIX if sdxl else CLIP_PREFIX) + clip_ldm_key(key), tensor)
+    if sdxl:
+        names["text_encoder_2"] = {}
+        for key, tensor in open_clip_tensors(_load_folder(src / "text_encoder_2")).items():
+            put("text_encoder_2", key, SDXL_OPEN_CLIP_PREFIX + key, tensor)
 
     out_path = Path(out_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)

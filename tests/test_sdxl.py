@@ -150,7 +150,7 @@ def test_cached_conditioning_is_the_pipelines(tiny_sdxl, photos, class_dir, tmp_
         for prompt in (PROMPT, cfg.class_prompt):
             embeds, _, pooled, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
             i = cache.prompts.index(prompt)
-            assert cache.prompt_embeds.shape[1:] == (77, 64) and cache.pooled_prompt_embeds.shape[1:] == (32,)
+            assert cache.prompt_embeds.shape[1:] == (77, 80) and cache.pooled_prompt_embeds.shape[1:] == (32,)
             assert (cache.prompt_embeds[i] - embeds[0]).abs().max() < 1e-6
             assert (cache.pooled_prompt_embeds[i] - pooled[0]).abs().max() < 1e-6
     # per image and flip: original size, crop corner, target size
@@ -225,8 +225,9 @@ def test_both_text_encoder_loras_round_trip(trained_te, tiny_sdxl, photos):
     with torch.no_grad():
         trained = trained_pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
     # text_encoder's part of the embeddings, text_encoder_2's part, and the pooled embedding all moved
-    assert (trained[0][..., :32] - base[0][..., :32]).abs().max() > 1e-4
-    assert (trained[0][..., 32:] - base[0][..., 32:]).abs().max() > 1e-4
+    width_1 = result.text_encoder.config.hidden_size
+    assert (trained[0][..., :width_1] - base[0][..., :width_1]).abs().max() > 1e-4
+    assert (trained[0][..., width_1:] - base[0][..., width_1:]).abs().max() > 1e-4
     assert (trained[2] - base[2]).abs().max() > 1e-4
     pipe.load_lora_weights(str(result.adapter_dir))
     with torch.no_grad():
@@ -326,3 +327,43 @@ def test_cli_makes_and_trains_tiny_sdxl(tmp_path, photos, class_dir, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["status"] == "finished"
     assert json.loads((tmp_path / "run" / "adapter" / "adapter.json").read_text())["architecture"] == "sdxl"
+
+
+def test_single_file_sdxl_loads_bit_identically_and_trains(tiny_sdxl, photos, class_dir, tmp_path):
+    """tiny-sdxl written as ONE SGM/LDM-named file (the second encoder in OpenCLIP names) loads through
+    from_single_file with every weight equal to the folder's, and trains."""
+    from single_file_writer import SDXL_OPEN_CLIP_PREFIX, write_single_file
+
+    from trainer_core.components import single_file_architecture
+
+    path = tmp_path / "tiny-sdxl.safetensors"
+    names = write_single_file(tiny_sdxl, path)
+    tensors = load_file(str(path))
+    assert "model.diffusion_model.label_emb.0.0.weight" in tensors
+    assert f"{SDXL_OPEN_CLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in tensors
+    assert len(tensors) == sum(len(v) for v in names.values())
+    assert single_file_architecture(path) == "sdxl"
+
+    parts, source = load_components(str(path), single_file_config=str(tiny_sdxl))
+    reference, _ = load_components(str(tiny_sdxl))
+    assert (
+        source.kind == "single_file"
+        and type(assemble_pipeline(parts)).__name__ == "StableDiffusionXLPipeline"
+    )
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = parts[component].state_dict(), reference[component].state_dict()
+        assert got.keys() == want.keys(), component
+        bad = [k for k, v in want.items() if got[k].device.type == "meta" or not torch.equal(got[k], v)]
+        assert bad == [], (component, bad[:3])
+
+    cfg = base_config(
+        path,
+        photos,
+        tmp_path / "run",
+        single_file_config=str(tiny_sdxl),
+        class_data_dir=str(class_dir),
+        max_train_steps=2,
+    )
+    result = train(cfg)
+    assert result.summary["steps"] == 2
+    assert json.loads((result.adapter_dir / "adapter.json").read_text())["architecture"] == "sdxl"

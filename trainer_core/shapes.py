@@ -84,10 +84,12 @@ TINY_SDXL = SDXLShape(
     text_layers=2,
     text_heads=4,
     text_intermediate=64,
-    text2_hidden=32,
+    # Wider than the first encoder, as in SDXL (768 / 1280): diffusers' single-file loader tells
+    # the two encoders apart by their widths.
+    text2_hidden=48,
     text2_layers=2,
     text2_heads=4,
-    text2_intermediate=64,
+    text2_intermediate=96,
     text2_projection=32,
     resolution=64,
 )
