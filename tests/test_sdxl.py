@@ -367,3 +367,24 @@ def test_single_file_sdxl_loads_bit_identically_and_trains(tiny_sdxl, photos, cl
     result = train(cfg)
     assert result.summary["steps"] == 2
     assert json.loads((result.adapter_dir / "adapter.json").read_text())["architecture"] == "sdxl"
+
+
+def test_bf16_run_decodes_validation_images_in_fp32(tiny_sdxl, photos, class_dir, tmp_path):
+    """Mixed precision (bf16 runs on CPUs): the UNet trains in bf16, the VAE stays fp32 for the
+    latents and decodes the validation images outside autocast."""
+    from PIL import Image
+
+    cfg = base_config(
+        tiny_sdxl,
+        photos,
+        tmp_path / "run",
+        class_data_dir=str(class_dir),
+        max_train_steps=2,
+        mixed_precision="bf16",
+        num_validation_images=1,
+        validation_inference_steps=2,
+    )
+    result = train(cfg)
+    assert result.status == "finished"
+    pixels = np.asarray(Image.open(result.adapter_dir / "samples" / "with-token-0.png"), dtype=np.float32)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0  # an image, not a flat NaN/black frame

@@ -69,7 +69,9 @@ class TrainConfig:
     # LoRA
     rank: int = _f(4, "LoRA rank (adapter size).")
     alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha/rank (default: alpha = rank).")
-    train_text_encoder: bool = _f(False, "Also train a LoRA on the text encoder's attention.")
+    train_text_encoder: bool = _f(
+        False, "Also train a LoRA on the text encoder's attention (both encoders for SDXL)."
+    )
     # data
     resolution: int | None = _f(
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."

@@ -930,20 +930,27 @@ def _validate(
     if plain:
         variants.append(("without", plain))
     saved = []
-    autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else contextlib.nullcontext()
-    with autocast:
-        for label, text in variants:
-            for i in range(config.num_validation_images):
+    # Under autocast the VAE would decode in half precision, where SDXL's overflows (black or NaN
+    # images): the pipeline stops at latents and the fp32 VAE decodes them outside autocast.
+    decode_fp32 = accelerator.mixed_precision != "no"
+    for label, text in variants:
+        for i in range(config.num_validation_images):
+            with accelerator.autocast() if decode_fp32 else contextlib.nullcontext():
                 image = pipe(
                     text,
                     num_inference_steps=config.validation_inference_steps,
                     height=resolution,
                     width=resolution,
                     generator=torch.Generator().manual_seed(config.seed + i),
+                    output_type="latent" if decode_fp32 else "pil",
                 ).images[0]
-                target = out_dir / f"{label}-token-{i}.png"
-                image.save(target)
-                saved.append(str(target))
+            if decode_fp32:
+                latents = image[None].to(device, torch.float32) / vae.config.scaling_factor
+                pixels = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
+                image = pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
+            target = out_dir / f"{label}-token-{i}.png"
+            image.save(target)
+            saved.append(str(target))
     vae.to("cpu")
     unet_model.train()
     for te, te_device in zip(te_models, te_devices, strict=True):
