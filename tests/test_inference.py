@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from lora_fixtures import PROMPT, lora_adapter, lora_checkpoint
 
 from trainer_core.events import TrainingError
 from trainer_core.inference import (
@@ -19,43 +19,6 @@ from trainer_core.inference import (
     load_pipeline,
     prompt_without_token,
 )
-
-PROMPT = "a photo of sks dog"
-
-
-def perturbed_lora(tiny_model: Path, seed: int, *, text_encoder: bool = False):
-    """UNet and text encoder with LoRA attached whose up-weights are seeded noise (so no no-op)."""
-    from trainer_core import components
-
-    parts, _ = components.load_components(str(tiny_model))
-    unet, te = parts["unet"], parts["text_encoder"]
-    torch.manual_seed(seed)
-    components.add_lora(unet, te, rank=4, alpha=8.0, train_text_encoder=text_encoder)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for model in (unet, te) if text_encoder else (unet,):
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return unet, te
-
-
-def lora_adapter(tiny_model: Path, out: Path, seed: int, *, text_encoder: bool = False, **meta) -> Path:
-    """A real adapter folder written by save_adapter from `perturbed_lora`."""
-    from trainer_core import adapters
-
-    unet, te = perturbed_lora(tiny_model, seed, text_encoder=text_encoder)
-    metadata = {"base_model": str(tiny_model), "instance_prompt": PROMPT, "token": "sks", "steps": 1}
-    metadata.update(meta)
-    adapters.save_adapter(
-        out,
-        unet=unet,
-        text_encoder=te if text_encoder else None,
-        name=out.name,
-        metadata=metadata,
-        config_json="{}",
-    )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -218,23 +181,6 @@ def test_compare_token_weights_checkpoints(gen, tiny_model, made, tmp_path):
     with pytest.raises(ValueError, match="^token:"):
         gen.compare_token(req(tiny_model), "zzz")
     assert prompt_without_token("a photo of sks, dog", "SKS") == "a photo of dog"
-
-
-def lora_checkpoint(tiny_model: Path, run: Path, seed: int, step: int) -> Path:
-    """A checkpoint-N folder as the loop writes it (peft keys prefixed by component)."""
-    from trainer_core import checkpoints
-    from trainer_core.adapters import peft_lora_state
-
-    unet, _ = perturbed_lora(tiny_model, seed)
-    return checkpoints.save_checkpoint(
-        run / "checkpoints",
-        step,
-        lora_state={f"unet.{k}": v for k, v in peft_lora_state(unet).items()},
-        optimizer_state={},
-        scheduler_state={},
-        state={"base_model": str(tiny_model), "rank": 4, "alpha": 8.0, "train_text_encoder": False},
-        total_limit=None,
-    )
 
 
 def test_checkpoints_load_as_adapters(gen, tiny_model, made, tmp_path):
