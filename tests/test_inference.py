@@ -110,6 +110,8 @@ def test_lru_cap_unloads_least_recently_used(tiny_model, made):
     assert np.array_equal(again, fresh_image(tiny_model, made["b"]))
     with pytest.raises(ValueError, match="adapters: at most 2"):
         g.generate(req(tiny_model, [(a, 1.0), (b, 1.0), (c, 1.0)]))
+    assert g.unload_adapter(b) and not g.unload_adapter(b)
+    assert g.loaded_adapters() == [c] and len(resident.pipe.get_list_adapters()["unet"]) == 1
     g.unload_all()
     assert g.loaded_adapters() == [] and g.loaded_base_models() == []
 

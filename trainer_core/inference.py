@@ -304,6 +304,7 @@ class _Resident:
     scheduler_config: Any
     base_model: str
     adapters: OrderedDict[str, AdapterSource] = dataclasses.field(default_factory=OrderedDict)
+    lora_disabled: bool = False  # after a plain-base request
 
 
 class Generator:
@@ -403,6 +404,18 @@ class Generator:
         with self._lock:
             return [str(src.path) for res in self._pipelines.values() for src in res.adapters.values()]
 
+    def unload_adapter(self, path: str | Path) -> bool:
+        """Unload one adapter (e.g. after it was deleted from the store); False if it was not loaded."""
+        key = str(Path(path).expanduser().resolve())
+        found = False
+        with self._lock:
+            for resident in self._pipelines.values():
+                source = resident.adapters.pop(key, None)
+                if source is not None:
+                    resident.pipe.delete_adapters(source.pipeline_name)
+                    found = True
+        return found
+
     def loaded_base_models(self) -> list[str]:
         with self._lock:
             return [res.base_model for res in self._pipelines.values()]
@@ -467,14 +480,17 @@ class Generator:
             check_architecture(source, resident.architecture, request.base_model)
         pipe = resident.pipe
         if not sources:
-            if resident.adapters:
+            if resident.adapters and not resident.lora_disabled:
                 pipe.disable_lora()
+                resident.lora_disabled = True
             return resident
         wanted = {str(s.path) for s in sources}
         for source in sources:
             self._ensure_loaded(resident, source, keep=wanted)
         # disable_lora (a plain-base request) sets a flag that set_adapters does not clear.
-        pipe.enable_lora()
+        if resident.lora_disabled:
+            pipe.enable_lora()
+            resident.lora_disabled = False
         pipe.set_adapters(
             [s.pipeline_name for s in sources], adapter_weights=[weight for _, weight in request.adapters]
         )
