@@ -281,3 +281,15 @@ def test_push_with_the_real_client_fails_offline_in_one_sentence(store, monkeypa
         store.push_to_hub("sks-cat", "someone/cat", token=TOKEN)
     assert TOKEN not in str(e.value)
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_store_and_inference_import_without_torch():
+    """The UI imports these at module level, and the UI layer must not load torch on import."""
+    import subprocess
+    import sys
+
+    from trainer_core import adapters, inference, store
+
+    code = "import sys, trainer_core.store, trainer_core.inference; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    assert store.LORA_WEIGHT_NAME == inference.LORA_WEIGHT_NAME == adapters.LORA_WEIGHT_NAME

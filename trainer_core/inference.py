@@ -20,15 +20,18 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .adapters import LORA_WEIGHT_NAME, read_adapter, sanitize_name
-from .components import assemble_pipeline, load_components
 from .events import TrainingError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+# adapters.LORA_WEIGHT_NAME, repeated so that importing this module stays free of torch (the UI
+# imports GenerateRequest at module level; torch loads on the first generation).
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 SCHEDULERS = ("dpm++", "euler_a", "ddim")
 ARCHITECTURE_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}
@@ -93,6 +96,8 @@ class GenerateRequest:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -105,6 +110,10 @@ def load_pipeline(
     single_file_config: str | None = None,
 ):
     """A text-to-image pipeline for `base_model`: fp16 on CUDA, fp32 on the CPU, progress bars off."""
+    import torch
+
+    from .components import assemble_pipeline, load_components
+
     device = device or default_device()
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
     parts, _source = load_components(base_model, dtype=dtype, single_file_config=single_file_config)
@@ -149,6 +158,8 @@ def generate(
 
     The noise comes from a CPU generator, so a seed gives the same start on every device.
     """
+    import torch
+
     if not prompt or not prompt.strip():
         raise ValueError("prompt: must contain text")
     size = native_size(pipe)
@@ -189,6 +200,7 @@ class AdapterSource:
 
 def describe_adapter(path: str | Path) -> AdapterSource:
     """Identify an adapter folder or checkpoint folder; a TrainingError in one sentence otherwise."""
+    from .adapters import read_adapter, sanitize_name
     from .checkpoints import read_state
 
     folder = Path(path).expanduser()
@@ -328,6 +340,8 @@ class Generator:
             raise ValueError(f"max_loaded_adapters: must be at least 1, got {max_loaded_adapters}")
         if max_pipelines < 1:
             raise ValueError(f"max_pipelines: must be at least 1, got {max_pipelines}")
+        import torch
+
         self.device = device or default_device()
         self.dtype = dtype or (torch.float16 if self.device.startswith("cuda") else torch.float32)
         self.max_loaded_adapters = max_loaded_adapters
@@ -424,9 +438,7 @@ class Generator:
         """Drop every pipeline and adapter and return the memory (before training on the same GPU)."""
         with self._lock:
             self._pipelines.clear()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -451,9 +463,9 @@ class Generator:
         while len(self._pipelines) >= self.max_pipelines:
             dropped_key, _ = self._pipelines.popitem(last=False)
             log.info("unloading base model %s", dropped_key[0])
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
+        from .components import assemble_pipeline, load_components
+
         log.info("loading base model %s on %s (%s)", base, self.device, self.dtype)
         parts, _source = load_components(
             request.base_model, dtype=self.dtype, single_file_config=request.single_file_config
@@ -527,6 +539,14 @@ class Generator:
             height=request.height,
             num_images=request.num_images,
         )
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def apply_adapters(

@@ -21,11 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .adapters import LORA_WEIGHT_NAME, model_card, read_adapter, sanitize_name
 from .events import TrainingError
 from .fileio import atomic_directory, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# adapters.LORA_WEIGHT_NAME, repeated so that importing the store stays free of torch (the UI's
+# gallery imports it at module level); adapters' helpers are imported where they are used.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 TRASH = ".trash"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -65,6 +68,8 @@ def check_name(name: Any) -> str:
         raise ValueError(f"name: {name!r} is a path; give a plain name such as sks-dog")
     if text in (".", "..") or text.startswith("."):
         raise ValueError(f"name: {name!r} must not start with a dot")
+    from .adapters import sanitize_name
+
     try:
         return sanitize_name(text)
     except ValueError:
@@ -98,7 +103,7 @@ class AdapterStore:
         source = Path(adapter_dir).expanduser()
         if not (source / LORA_WEIGHT_NAME).is_file():
             raise TrainingError(f"{adapter_dir} is not an adapter folder (no {LORA_WEIGHT_NAME}).")
-        info = read_adapter(source)
+        info = _read_adapter(source)
         wanted = check_name(name) if name is not None else check_name(str(info.get("name") or source.name))
         target = self._unique(self.root, wanted)
         with atomic_directory(target, replace=False) as tmp:
@@ -135,7 +140,7 @@ class AdapterStore:
         """Bring an adapter back from the trash, under its name (or a free variant of it)."""
         folder = self._existing(self.root / TRASH, name)
         try:
-            wanted = check_name(str(read_adapter(folder).get("name") or folder.name))
+            wanted = check_name(str(_read_adapter(folder).get("name") or folder.name))
         except (TrainingError, ValueError):
             wanted = folder.name
         target = self._unique(self.root, wanted)
@@ -192,7 +197,7 @@ class AdapterStore:
             from huggingface_hub import HfApi
 
             client = HfApi(token=token)
-        info = read_adapter(folder)
+        info = _read_adapter(folder)
         with tempfile.TemporaryDirectory(prefix="hub-upload-") as tmp:
             staging = Path(tmp)
             samples = _stage_for_hub(folder, staging)
@@ -260,10 +265,16 @@ class AdapterStore:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_adapter(folder: Path) -> dict[str, Any]:
+    from .adapters import read_adapter
+
+    return read_adapter(folder)
+
+
 def _info(folder: Path) -> AdapterInfo:
     if not (folder / LORA_WEIGHT_NAME).is_file():
         raise TrainingError(f"{folder} is not an adapter folder (no {LORA_WEIGHT_NAME}).")
-    meta = read_adapter(folder)
+    meta = _read_adapter(folder)
     samples = sorted((folder / "samples").glob("*.png")) if (folder / "samples").is_dir() else []
     final_loss = meta.get("final_loss")
     return AdapterInfo(
@@ -293,7 +304,7 @@ def _timestamp(info: AdapterInfo) -> float:
 
 def _retitle(folder: Path, name: str) -> None:
     """Make the folder's own files agree with its (new) name: adapter.json, kohya file, model card."""
-    meta = read_adapter(folder)
+    meta = _read_adapter(folder)
     old = meta.get("name")
     files = dict(meta.get("files") or {})
     old_kohya = folder / str(files.get("kohya") or f"{old}.safetensors")
@@ -305,12 +316,14 @@ def _retitle(folder: Path, name: str) -> None:
     meta.update(name=name, files=files)
     atomic_write_json(folder / "adapter.json", meta)
     if "rank" in meta and "alpha" in meta:
+        from .adapters import model_card
+
         atomic_write_text(folder / "README.md", model_card(meta))
 
 
 def _stage_for_hub(folder: Path, staging: Path) -> list[str]:
     """Copy what the Hub repo holds into `staging`; returns the sample paths (repo-relative)."""
-    meta = read_adapter(folder)
+    meta = _read_adapter(folder)
     names = list(_HUB_FILES)
     kohya = (meta.get("files") or {}).get("kohya")
     if kohya:
