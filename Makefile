@@ -6,6 +6,7 @@
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
 #   make bench       training speed benchmark (bench/train_speed.py; BENCH_ARGS=--quick for a smoke run)
+#   make bench-switch adapter switch vs reload benchmark (bench/adapter_switch.py; BENCH_ARGS=--shape sd15)
 #   make lint        ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -24,7 +25,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-.PHONY: help setup run test test-slow bench lint
+.PHONY: help setup run test test-slow bench bench-switch lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -63,6 +64,9 @@ test-slow: | $(PY)
 
 bench: | $(PY)
 	HF_HUB_OFFLINE=1 $(PY) bench/train_speed.py $(BENCH_ARGS)
+
+bench-switch: | $(PY)
+	HF_HUB_OFFLINE=1 $(PY) bench/adapter_switch.py $(BENCH_ARGS)
 
 lint: | $(PY)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -163,9 +163,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .inference import apply_adapters, generate, load_pipeline
+    from .inference import GenerateRequest, Generator
 
-    weights = None
+    adapters = args.adapter or []
+    weights = [1.0] * len(adapters)
     if args.adapter_weights:
         try:
             weights = [float(w) for w in args.adapter_weights.split(",")]
@@ -173,27 +174,36 @@ def cmd_generate(args) -> int:
             raise ValueError(
                 f"adapter_weights: expected numbers like 1.0,0.5, got {args.adapter_weights!r}"
             ) from None
+        if len(weights) != len(adapters):
+            raise ValueError(f"adapter_weights: {len(weights)} weights for {len(adapters)} --adapter folders")
     if not str(args.out).lower().endswith(".png"):
         raise ValueError(f"out: the output file must end in .png, got {args.out}")
-    _quiet_libraries()
-    pipe = load_pipeline(
-        args.base_model, scheduler=args.scheduler, single_file_config=args.single_file_config
-    )
-    names = apply_adapters(pipe, args.adapter or [], weights)
-    images = generate(
-        pipe,
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
+    request = GenerateRequest(
+        base_model=args.base_model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt or "",
         steps=args.steps,
         guidance=args.guidance,
         width=args.width,
         height=args.height,
+        seed=args.seed,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        adapters=tuple(zip(adapters, weights, strict=True)),
+        single_file_config=args.single_file_config,
     )
+    _quiet_libraries()
+    generator = Generator(max_loaded_adapters=max(8, len(adapters)))
+    images = generator.generate(request)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(out)
-    print(json.dumps({"out": str(out), "adapters": names, "seed": args.seed}))
+    paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(images))]
+    for image, path in zip(images, paths, strict=True):
+        image.save(path)
+    summary = {"out": str(out), "adapters": generator.loaded_adapters(), "seed": args.seed}
+    if len(paths) > 1:
+        summary["images"] = [str(p) for p in paths]
+    print(json.dumps(summary))
     return 0
 
 
@@ -250,8 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID_OR_PATH",
         help="For a single-file base model: a diffusers folder or Hub id with its configs.",
     )
-    p.add_argument("--adapter", action="append", metavar="DIR", help="Adapter folder (repeatable).")
-    p.add_argument("--adapter-weights", metavar="W,W", help="Comma-separated weights, one per --adapter.")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="DIR",
+        help="Adapter folder or training checkpoint folder (repeatable: several are blended).",
+    )
+    p.add_argument(
+        "--adapter-weights",
+        metavar="W,W",
+        help="Comma-separated weights, one per --adapter (default 1.0 each; 0 turns one off).",
+    )
     p.add_argument("--prompt", required=True, help="What to draw; use the adapter's trigger word.")
     p.add_argument("--negative-prompt", default=None, help="What to avoid.")
     p.add_argument("--seed", type=int, default=0, help="Seed; the same seed repeats the image.")
@@ -259,7 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale.")
     p.add_argument("--width", type=int, default=None, help="Width in pixels (default: the model's).")
     p.add_argument("--height", type=int, default=None, help="Height in pixels (default: the model's).")
-    p.add_argument("--scheduler", choices=["dpm++", "euler_a", "ddim"], default="dpm++", help="Sampler.")
+    p.add_argument(
+        "--scheduler",
+        choices=["dpm++", "euler_a", "ddim"],
+        default="dpm++",
+        help="Sampler: DPM-Solver++ 2M (default), Euler ancestral or DDIM.",
+    )
+    p.add_argument(
+        "--num-images", type=int, default=1, help="Images to make; the 2nd and later go to FILE-1.png, ..."
+    )
     p.add_argument("--out", required=True, metavar="FILE.png", help="Where to write the image.")
     p.set_defaults(func=cmd_generate)
 
