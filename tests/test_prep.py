@@ -154,6 +154,10 @@ def test_each_rejection_reason(tmp_path):
     (src / "huge-bomb.png").write_bytes(_png_claiming(20000, 20000))  # over Pillow's own limit too
     Image.fromarray(good).resize((30, 20)).save(src / "tiny.png")
     Image.fromarray(good).save(src / "anim.gif")
+    Image.fromarray(good).save(src / "full.heic", format="HEIF")
+    heic = (src / "full.heic").read_bytes()
+    (src / "damaged.heic").write_bytes(heic[:64] + bytes(len(heic)))  # a real header, then zeros
+    (src / "full.heic").unlink()
     report = prepare_photos([src, tmp_path / "missing.jpg"], tmp_path / "out", PrepOptions(crop="center"))
     assert report.accepted == ()
     reasons = {Path(r.source).name: r.reason for r in report.rejected}
@@ -168,6 +172,7 @@ def test_each_rejection_reason(tmp_path):
         "tiny.png": reasons["tiny.png"],
         "anim.gif": "GIF files are not supported; use JPEG, PNG, WEBP, HEIC, BMP or TIFF",
         "missing.jpg": "the file or folder does not exist",
+        "damaged.heic": "not a readable image (unknown or damaged content)",
     }
     assert reasons["truncated.jpg"].startswith("truncated or damaged")
     assert reasons["tiny.png"].startswith("far too small (30x20); the short side needs at least 128 pixels")
@@ -259,10 +264,32 @@ def test_exif_orientation_applied(tmp_path):
     assert np.abs(out[20, 64] - (220, 20, 20)).max() < 12 and np.abs(out[108, 64] - (20, 20, 220)).max() < 12
 
 
-def test_16bit_levels_scaled_not_clipped(tmp_path):
+def _png_16bit_rgb(rgb: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one): rows of big-endian uint16, filter byte 0."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb"])
+def test_16bit_levels_scaled_not_clipped(kind, tmp_path):
+    ramp = np.tile(np.linspace(0, 60000, 256).astype(np.uint16), (256, 1))
+
     def write(src):
-        ramp = np.tile(np.linspace(0, 60000, 256).astype(np.uint16), (256, 1))
-        Image.fromarray(ramp).save(src / "scan16.png")  # mode I;16
+        if kind == "grey":
+            Image.fromarray(ramp).save(src / "scan16.png")  # mode I;16
+        else:
+            (src / "scan16.png").write_bytes(_png_16bit_rgb(np.stack([ramp] * 3, axis=-1)))
         return src / "scan16.png"
 
     out, _ = _prep_one(tmp_path, write)

@@ -242,6 +242,11 @@ def prepare_photos(
             prepared.append(_prepare_one(path, i, options))
         except _Rejected as e:
             rejected.append(RejectedPhoto(str(path), str(e)))
+        except MemoryError:
+            rejected.append(RejectedPhoto(str(path), "too large to decode in the memory available"))
+        except Exception as e:  # an image plugin's own error on a damaged file: one file, not the set
+            log.warning("prep: %s could not be processed", path, exc_info=True)
+            rejected.append(RejectedPhoto(str(path), f"cannot be read ({type(e).__name__}: {e})"))
         emit(Progress("prep", i + 1, total))
 
     _check_set(prepared)
@@ -388,10 +393,12 @@ def _describe_non_image(head: bytes) -> str:
     if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:1024]:
         return "a web page (HTML), not an image; save the image itself"
     try:
-        head.decode("utf-8")
-        return "a text file, not an image"
+        if b"\0" not in head:  # binary headers (a damaged HEIC's ftyp box) are valid UTF-8 but hold NULs
+            head.decode("utf-8")
+            return "a text file, not an image"
     except UnicodeDecodeError:
-        return "not an image (unknown content)"
+        pass
+    return "not a readable image (unknown or damaged content)"
 
 
 def _open_checked(path: Path, options: PrepOptions) -> tuple[Image.Image, str, list[str]]:
