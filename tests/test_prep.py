@@ -384,7 +384,7 @@ def test_output_folder_safety_and_stop(prepared, tmp_path):
         prepare_photos([tmp_path / "in"], tmp_path / "mine", FAST)
     assert (tmp_path / "mine" / "thesis.docx").read_text() == "precious"
     with pytest.raises(ValueError, match="input: .* is inside the output folder"):
-        prepare_photos([prepared / "originals"], prepared, FAST)
+        prepare_photos([prepared], prepared, FAST)
 
     report_before = (prepared / "report.json").read_text()
     seen = []
@@ -407,6 +407,18 @@ def test_output_folder_safety_and_stop(prepared, tmp_path):
         "report.json",
     ]
     assert [e for e in events if isinstance(e, Progress)] == [Progress("prep", 1, 1)]
+
+
+def test_prepared_again_from_its_own_originals(prepared, tmp_path):
+    """Another crop for the whole set: the originals/ of the set are its input, names kept."""
+    first = read_report(prepared)
+    again = prepare_photos([prepared / "originals"], prepared, PrepOptions(resolution=128, crop="none"))
+    assert [a.output for a in again.accepted] == [a.output for a in first.accepted]
+    assert [a.source for a in again.accepted] == [a.source for a in first.accepted]
+    assert [a.crop_box for a in again.accepted] == [(0, -100, 600, 500), (0, -107, 640, 533)]
+    assert sorted(p.name for p in (prepared / "originals").iterdir()) == ["001-coffee.jpg", "002-rocket.png"]
+    square = np.asarray(Image.open(prepared / "001-coffee.png"))
+    assert square[1, 64].tolist() == [255, 255, 255], "padded now, from the kept original"
 
 
 @pytest.mark.parametrize(

@@ -205,6 +205,7 @@ class _Prepared:
     warnings: list[str]
     output: str = ""
     caption: str = ""
+    given_as: str = ""  # the source as the user gave it (for a re-prep, the first prep's source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +225,8 @@ def prepare_photos(
 
     The folder is built beside its final place and swapped in whole, so a stop or a failure leaves
     an earlier prepared set there untouched. An existing folder is replaced only when it is a
-    prepared set (it has a report.json) or empty. Raises StopRequested when `should_stop()` says so.
+    prepared set (it has a report.json) or empty; that set's `originals/` may be the input, to
+    prepare it again with other options. Raises StopRequested when `should_stop()` says so.
     """
     out = Path(output_dir)
     _check_output_folder(out)
@@ -232,6 +234,8 @@ def prepare_photos(
     if not files and not missing:
         raise ValueError("input: no files found in the given paths")
     rejected = [RejectedPhoto(str(p), "the file or folder does not exist") for p in missing]
+    # Prepared again from this set's originals/: keep the names the user gave the photos.
+    earlier = _earlier_sources(out)
     total = len(files)
     emit(StageStarted("prep", f"checking and cropping {total} photo(s)", total=total))
     prepared: list[_Prepared] = []
@@ -239,9 +243,9 @@ def prepare_photos(
         if should_stop():
             raise StopRequested
         try:
-            prepared.append(_prepare_one(path, i, options))
+            prepared.append(_prepare_one(path, i, options, earlier.get(path.resolve())))
         except _Rejected as e:
-            rejected.append(RejectedPhoto(str(path), str(e)))
+            rejected.append(RejectedPhoto(earlier.get(path.resolve(), str(path)), str(e)))
         except MemoryError:
             rejected.append(RejectedPhoto(str(path), "too large to decode in the memory available"))
         except Exception as e:  # an image plugin's own error on a damaged file: one file, not the set
@@ -263,7 +267,7 @@ def prepare_photos(
                 (tmp / item.output).with_suffix(".txt").write_text(item.caption + "\n", encoding="utf-8")
             accepted.append(
                 AcceptedPhoto(
-                    source=str(item.source),
+                    source=item.given_as,
                     output=item.output,
                     caption=item.caption,
                     warnings=tuple(item.warnings),
@@ -373,7 +377,10 @@ def _collect_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[Path]
             missing.append(path)
             continue
         for p in found:
-            if out_resolved == p.resolve().parent or out_resolved in p.resolve().parents:
+            # The set's own originals may be prepared again (other crop or captions): they are
+            # read before the new folder replaces the old one. Anything else inside would be lost.
+            inside = out_resolved == p.resolve().parent or out_resolved in p.resolve().parents
+            if inside and p.resolve().parent != out_resolved / ORIGINALS_DIR:
                 raise ValueError(
                     f"input: {p} is inside the output folder {out}; choose another output folder"
                 )
@@ -451,7 +458,18 @@ def _open_checked(path: Path, options: PrepOptions) -> tuple[Image.Image, str, l
     return rgb, fmt, warnings
 
 
-def _prepare_one(path: Path, index: int, options: PrepOptions) -> _Prepared:
+def _earlier_sources(out: Path) -> dict[Path, str]:
+    """original file -> source as first given, from a prepared folder's report (none: empty)."""
+    if not (out / REPORT_NAME).is_file():
+        return {}
+    try:
+        report = read_report(out)
+    except TrainingError:
+        return {}
+    return {(out / a.original).resolve(): a.source for a in report.accepted if a.original}
+
+
+def _prepare_one(path: Path, index: int, options: PrepOptions, given_as: str | None = None) -> _Prepared:
     rgb, fmt, warnings = _open_checked(path, options)
     box, face, crop_warnings = choose_crop_box(rgb, options.crop)
     square = render_square(rgb, box, options.resolution)
@@ -468,7 +486,8 @@ def _prepare_one(path: Path, index: int, options: PrepOptions) -> _Prepared:
         phash=perceptual_hash(rgb),
         sharpness=laplacian_variance(_visible_region(rgb, box, options.resolution)),
         warnings=warnings,
-        output=f"{index + 1:03d}-{_slug(path.stem)}.png",
+        output=f"{index + 1:03d}-{_slug(Path(given_as).stem if given_as else path.stem)}.png",
+        given_as=given_as or str(path),
     )
 
 
