@@ -612,3 +612,12 @@ def test_cli_prep(tmp_path):
         bad.returncode == 1
         and bad.stderr.strip() == "error: resolution: must be a multiple of 8 of at least 64, got 100"
     )
+
+
+def test_importing_prep_does_not_import_torch():
+    """The app imports the prep API at start-up; torch and transformers load only for BLIP."""
+    code = (
+        "import sys, trainer_core.prep, trainer_core.faces, trainer_core.captions, trainer_core.data;"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
