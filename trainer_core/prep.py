@@ -256,6 +256,21 @@ def prepare_photos(
     _check_set(prepared)
     _caption_all(prepared, options, emit, should_stop)
 
+    try:
+        report = _write_set(out, prepared, rejected, options)
+    except OSError as e:
+        raise TrainingError(
+            f"Could not write the prepared photos to {out} ({e.strerror or e}); "
+            "free some disk space or choose another folder."
+        ) from e
+    log.info("prep: %s into %s", report.summary(), out)
+    return report
+
+
+def _write_set(
+    out: Path, prepared: list[_Prepared], rejected: list[RejectedPhoto], options: PrepOptions
+) -> PrepReport:
+    """Squares, captions, originals and report.json, built beside `out` and swapped in whole."""
     accepted: list[AcceptedPhoto] = []
     with atomic_directory(out) as tmp:
         (tmp / ORIGINALS_DIR).mkdir()
@@ -279,7 +294,6 @@ def prepare_photos(
             )
         report = PrepReport(tuple(accepted), tuple(rejected), str(out), options)
         atomic_write_json(tmp / REPORT_NAME, report.to_json())
-    log.info("prep: %s into %s", report.summary(), out)
     return report
 
 
@@ -640,7 +654,7 @@ def _check_set(prepared: list[_Prepared]) -> None:
             distance = hamming(item.phash, other.phash)
             if distance <= DUPLICATE_MAX_BITS:
                 item.warnings.append(
-                    f"near-duplicate of {other.source.name} ({distance} of 64 hash bits differ); "
+                    f"near-duplicate of {Path(other.given_as).name} ({distance} of 64 hash bits differ); "
                     "one of them adds little"
                 )
                 break
