@@ -1,4 +1,4 @@
-"""`python -m trainer_core ...`: make-tiny-model, train, generate, import-adapter.
+"""`python -m trainer_core ...`: make-tiny-model, prep, train, generate, import-adapter, runs.
 
 Progress goes to stderr (drawn here from the engine's events); `train` ends stdout with one JSON
 line. Bad arguments or input exit non-zero with one line, never a traceback. Ctrl-C during
@@ -139,6 +139,58 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def _prep_fields() -> list[dataclasses.Field]:
+    from .prep import PrepOptions
+
+    return list(dataclasses.fields(PrepOptions))
+
+
+def cmd_prep(args) -> int:
+    from .events import StopRequested
+    from .prep import PrepOptions, prepare_photos
+
+    given = {f.name: getattr(args, f.name) for f in _prep_fields() if hasattr(args, f.name)}
+    options = PrepOptions(**given)
+    if options.caption == "blip":
+        _quiet_libraries()
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("stopping; the output folder is left as it was (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        report = prepare_photos(
+            args.input, args.output, options, emit=_ProgressPrinter(), should_stop=lambda: stop["requested"]
+        )
+    except StopRequested:
+        print("error: stopped; nothing was written.", file=sys.stderr)
+        return EXIT_STOPPED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for r in report.rejected:
+        print(f"rejected {r.source}: {r.reason}", file=sys.stderr)
+    for a in report.accepted:
+        for w in a.warnings:
+            print(f"warning {a.source}: {w}", file=sys.stderr)
+    summary = {
+        "output_dir": str(args.output),
+        "report": str(Path(args.output) / "report.json"),
+        "accepted": len(report.accepted),
+        "rejected": len(report.rejected),
+    }
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    if not report.accepted:
+        reasons = "; ".join(f"{Path(r.source).name}: {r.reason}" for r in report.rejected[:3])
+        more = f" (and {len(report.rejected) - 3} more)" if len(report.rejected) > 3 else ""
+        print(f"error: no photo was accepted ({reasons}{more}).", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 def cmd_train(args) -> int:
     from .loop import train
 
@@ -241,6 +293,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser(
+        "prep",
+        help="Check, crop and caption photos into a training folder (with report.json).",
+        description="Check photos by content, crop them to squares around the face (or the busiest "
+        "region), caption them, and write them with a .txt caption each and report.json to --output. "
+        "Exits 0 when at least one photo was accepted.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="Photos or folders (searched recursively; hidden files skipped). Repeatable.",
+    )
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="New or empty folder (or an earlier prep's)."
+    )
+    for f in _prep_fields():
+        flag = "--" + f.name.replace("_", "-")
+        choices = {"crop": ["auto", "face", "center", "none"], "caption": ["blip", "template", "none"]}.get(
+            f.name
+        )
+        p.add_argument(
+            flag,
+            dest=f.name,
+            type=int if f.name == "resolution" else str,
+            choices=choices,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+    p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser(
         "train",

@@ -11,16 +11,35 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .events import TrainingError
 
+if TYPE_CHECKING:  # torch is imported where tensors are made, so `data` stays light for the prep stage
+    import torch
+
 log = logging.getLogger(__name__)
 
-IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"}
+# Formats accepted by content (Image.open's verdict, never the file name). MPO is what phones write
+# for JPEGs with a depth or preview frame; HEIF comes from the pillow-heif plugin (iPhone photos) and
+# AVIF from Pillow itself when it was built with libavif.
+IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO", "HEIF", "AVIF"}
+
+
+def register_image_plugins() -> None:
+    """Teach Pillow HEIC/HEIF (pillow-heif); without the plugin such files are simply not images."""
+    try:
+        import pillow_heif
+    except ImportError:
+        log.debug("pillow-heif is not installed: HEIC photos are not read")
+        return
+    pillow_heif.register_heif_opener()
+
+
+register_image_plugins()
 
 
 @dataclass(frozen=True)
@@ -30,7 +49,11 @@ class Example:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Decodable images in `folder` (not recursive), by content rather than by extension, sorted."""
+    """Decodable images in `folder` (not recursive), by content rather than by extension, sorted.
+
+    Subfolders are never entered: a prepared folder keeps the user's originals in `originals/`,
+    and training must see only the prepared squares beside them.
+    """
     folder = Path(folder)
     found = []
     for p in sorted(folder.iterdir()):
@@ -67,15 +90,24 @@ def load_instance_examples(instance_dir: str | Path, instance_prompt: str) -> li
 def load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = _to_8bit(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            return im.convert("RGB")
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError) as e:
         raise TrainingError(f"The image {path.name} cannot be read ({e}); remove it or re-export it.") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as the photo a person sees: EXIF orientation applied, 16-bit levels scaled
+    to 8-bit, transparency composited on white, any mode (CMYK, L, P, LA, I;16) as RGB.
+
+    Loads the pixels, so a truncated file raises OSError here.
+    """
+    im = ImageOps.exif_transpose(im)
+    im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -97,6 +129,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, resolution: int, *, flip: bool = False) -> torch.Tensor:
     """RGB image -> float tensor (3, resolution, resolution) in [-1, 1]: short-side resize, centre crop."""
+    import torch
+
     w, h = image.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))

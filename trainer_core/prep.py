@@ -1,0 +1,738 @@
+"""Photo preparation: uploads in, a training-ready folder out.
+
+`prepare_photos` validates every file by content (never by its name), normalises it (EXIF
+orientation, 16-bit levels, transparency on white, any mode to RGB), crops a square around the
+face (or the busiest region, or the centre, or pads), resizes it to the training resolution, and
+captions it. It writes the squares, a `.txt` caption beside each, the accepted originals under
+`originals/` (so a crop can be redone later) and `report.json`; a rejected file gets one plain
+reason, a doubtful one a warning. `set_caption` and `recrop` apply the user's corrections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import re
+import shutil
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .data import IMAGE_FORMATS, to_rgb
+from .events import (
+    Emit,
+    Progress,
+    ShouldStop,
+    StageStarted,
+    StopRequested,
+    TrainingError,
+    never_stop,
+    no_emit,
+)
+from .fileio import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CROP_MODES = ("auto", "face", "center", "none")
+CAPTION_MODES = ("blip", "template", "none")
+REPORT_NAME = "report.json"
+ORIGINALS_DIR = "originals"
+
+MAX_PIXELS = 40_000_000  # well under Pillow's own bomb limit (89 MP), checked before decoding
+TOO_SMALL_FRACTION = 4  # short side under resolution / 4: rejected
+EXTREME_ASPECT = 2.0  # long side over twice the short side: warned (most of the photo is cut away)
+DUPLICATE_MAX_BITS = 6  # perceptual hashes this close (of 64 bits): the same shot
+BLUR_FRACTION = 0.1  # Laplacian variance under a tenth of the set's median: blurry (a soft but sharp
+# photo such as scikit-image's chelsea.png measures 15% of the others; a 4-pixel blur, under 1%)
+FACE_CROP_SCALE = 3.2  # square side / face size: head and shoulders
+FACE_CENTRE_HEIGHT = 0.42  # the face's centre sits this far down the square (room for shoulders)
+
+_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+_EXTENSIONS |= {"HEIF": ".heic", "AVIF": ".avif"}
+# Warnings that describe the crop; a manual recrop replaces them.
+_CROP_WARNING_PREFIXES = ("upscaled", "no face found", "several faces")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    resolution: int = _f(512, "Side of the square training images in pixels (a multiple of 8).")
+    crop: str = _f(
+        "auto", "auto: the face if one is found, else the busiest region; face; center; none (pad to square)."
+    )
+    caption: str = _f(
+        "template", "blip: describe each photo with BLIP; template: the same caption for all; none."
+    )
+    token: str = _f("sks", "The rare word that names the subject in captions and prompts.")
+    class_noun: str = _f("person", "What the subject is (person, dog, toy...), used in captions.")
+    caption_model: str = _f(
+        "Salesforce/blip-image-captioning-base", "BLIP model id or folder for --caption blip."
+    )
+    caption_template: str = _f(
+        "a photo of {token} {class_noun}",
+        "Caption (and prefix of BLIP captions); {token} and {class_noun} are filled in.",
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resolution, int) or self.resolution < 64 or self.resolution % 8:
+            raise ValueError(f"resolution: must be a multiple of 8 of at least 64, got {self.resolution}")
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop: must be one of {', '.join(CROP_MODES)}, got {self.crop!r}")
+        if self.caption not in CAPTION_MODES:
+            raise ValueError(f"caption: must be one of {', '.join(CAPTION_MODES)}, got {self.caption!r}")
+        if not self.token.strip() or len(self.token.split()) != 1:
+            raise ValueError(f"token: must be one word such as sks, got {self.token!r}")
+        if not self.class_noun.strip():
+            raise ValueError("class_noun: must not be empty (e.g. person, dog, toy)")
+        if self.caption == "blip" and not self.caption_model.strip():
+            raise ValueError("caption_model: a BLIP model id or folder is needed for caption=blip")
+        try:
+            filled = self.caption_template.format(token="\0", class_noun="\1")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"caption_template: only {{token}} and {{class_noun}} may be filled in, got {self.caption_template!r}"
+            ) from e
+        if "\0" not in filled:
+            raise ValueError(f"caption_template: must contain {{token}}, got {self.caption_template!r}")
+
+    @property
+    def template_caption(self) -> str:
+        return self.caption_template.format(token=self.token, class_noun=self.class_noun)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PrepOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class AcceptedPhoto:
+    source: str  # the file as given
+    output: str  # the square, relative to the output folder
+    caption: str  # "" when captions are off (training then uses the instance prompt)
+    warnings: tuple[str, ...]
+    crop_box: tuple[int, int, int, int]  # (left, top, right, bottom) in EXIF-transposed source pixels
+    original: str = ""  # copy of the source, relative to the output folder
+    source_size: tuple[int, int] = (0, 0)  # (width, height) after the EXIF transpose
+    face_box: tuple[int, int, int, int] | None = None  # the face the crop was centred on
+
+
+@dataclass(frozen=True)
+class RejectedPhoto:
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrepReport:
+    accepted: tuple[AcceptedPhoto, ...]
+    rejected: tuple[RejectedPhoto, ...]
+    output_dir: str
+    options: PrepOptions = PrepOptions()
+
+    def to_json(self) -> dict[str, Any]:
+        """The `report.json` object (paths of prepared files relative to the output folder)."""
+        return {
+            "accepted": [
+                {
+                    "source": a.source,
+                    "output": a.output,
+                    "caption": a.caption,
+                    "warnings": list(a.warnings),
+                    "crop_box": list(a.crop_box),
+                    "original": a.original,
+                    "source_size": list(a.source_size),
+                    "face_box": list(a.face_box) if a.face_box else None,
+                }
+                for a in self.accepted
+            ],
+            "rejected": [{"source": r.source, "reason": r.reason} for r in self.rejected],
+            "options": self.options.to_dict(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], output_dir: str | Path) -> PrepReport:
+        accepted = tuple(
+            AcceptedPhoto(
+                source=a["source"],
+                output=a["output"],
+                caption=a.get("caption", ""),
+                warnings=tuple(a.get("warnings", ())),
+                crop_box=tuple(a.get("crop_box", (0, 0, 0, 0))),
+                original=a.get("original", ""),
+                source_size=tuple(a.get("source_size", (0, 0))),
+                face_box=tuple(a["face_box"]) if a.get("face_box") else None,
+            )
+            for a in obj.get("accepted", [])
+        )
+        rejected = tuple(RejectedPhoto(r["source"], r["reason"]) for r in obj.get("rejected", []))
+        return cls(accepted, rejected, str(output_dir), PrepOptions.from_dict(obj.get("options", {})))
+
+    def summary(self) -> str:
+        return f"{len(self.accepted)} photo(s) accepted, {len(self.rejected)} rejected"
+
+
+class _Rejected(Exception):
+    pass
+
+
+@dataclass
+class _Prepared:
+    """One accepted photo while the set is being built (the square kept for captions and checks)."""
+
+    source: Path
+    fmt: str
+    index: int
+    square: Image.Image
+    crop_box: tuple[int, int, int, int]
+    source_size: tuple[int, int]
+    face_box: tuple[int, int, int, int] | None
+    phash: int
+    sharpness: float
+    warnings: list[str]
+    output: str = ""
+    caption: str = ""
+    given_as: str = ""  # the source as the user gave it (for a re-prep, the first prep's source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_photos(
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    options: PrepOptions = PrepOptions(),
+    *,
+    emit: Emit = no_emit,
+    should_stop: ShouldStop = never_stop,
+) -> PrepReport:
+    """Validate, normalise, crop and caption photos into `output_dir`; return (and write) the report.
+
+    The folder is built beside its final place and swapped in whole, so a stop or a failure leaves
+    an earlier prepared set there untouched. An existing folder is replaced only when it is a
+    prepared set (it has a report.json) or empty; that set's `originals/` may be the input, to
+    prepare it again with other options. Raises StopRequested when `should_stop()` says so.
+    """
+    out = Path(output_dir)
+    _check_output_folder(out)
+    files, missing = _collect_inputs(inputs, out)
+    if not files and not missing:
+        raise ValueError("input: no files found in the given paths")
+    rejected = [RejectedPhoto(str(p), "the file or folder does not exist") for p in missing]
+    # Prepared again from this set's originals/: keep the names the user gave the photos.
+    earlier = _earlier_sources(out)
+    total = len(files)
+    emit(StageStarted("prep", f"checking and cropping {total} photo(s)", total=total))
+    prepared: list[_Prepared] = []
+    for i, path in enumerate(files):
+        if should_stop():
+            raise StopRequested
+        try:
+            prepared.append(_prepare_one(path, i, options, earlier.get(path.resolve())))
+        except _Rejected as e:
+            rejected.append(RejectedPhoto(earlier.get(path.resolve(), str(path)), str(e)))
+        except MemoryError:
+            rejected.append(RejectedPhoto(str(path), "too large to decode in the memory available"))
+        except Exception as e:  # an image plugin's own error on a damaged file: one file, not the set
+            log.warning("prep: %s could not be processed", path, exc_info=True)
+            rejected.append(RejectedPhoto(str(path), f"cannot be read ({type(e).__name__}: {e})"))
+        emit(Progress("prep", i + 1, total))
+
+    _check_set(prepared)
+    _caption_all(prepared, options, emit, should_stop)
+
+    try:
+        report = _write_set(out, prepared, rejected, options)
+    except OSError as e:
+        raise TrainingError(
+            f"Could not write the prepared photos to {out} ({e.strerror or e}); "
+            "free some disk space or choose another folder."
+        ) from e
+    log.info("prep: %s into %s", report.summary(), out)
+    return report
+
+
+def _write_set(
+    out: Path, prepared: list[_Prepared], rejected: list[RejectedPhoto], options: PrepOptions
+) -> PrepReport:
+    """Squares, captions, originals and report.json, built beside `out` and swapped in whole."""
+    accepted: list[AcceptedPhoto] = []
+    with atomic_directory(out) as tmp:
+        (tmp / ORIGINALS_DIR).mkdir()
+        for item in prepared:
+            item.square.save(tmp / item.output, format="PNG")
+            original = f"{ORIGINALS_DIR}/{Path(item.output).stem}{_EXTENSIONS.get(item.fmt, '.img')}"
+            shutil.copyfile(item.source, tmp / original)
+            if item.caption:
+                (tmp / item.output).with_suffix(".txt").write_text(item.caption + "\n", encoding="utf-8")
+            accepted.append(
+                AcceptedPhoto(
+                    source=item.given_as,
+                    output=item.output,
+                    caption=item.caption,
+                    warnings=tuple(item.warnings),
+                    crop_box=item.crop_box,
+                    original=original,
+                    source_size=item.source_size,
+                    face_box=item.face_box,
+                )
+            )
+        report = PrepReport(tuple(accepted), tuple(rejected), str(out), options)
+        atomic_write_json(tmp / REPORT_NAME, report.to_json())
+    return report
+
+
+def read_report(output_dir: str | Path) -> PrepReport:
+    """The report of a prepared folder."""
+    path = Path(output_dir) / REPORT_NAME
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingError(f"{output_dir} has no {REPORT_NAME}; prepare the photos first.") from None
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path} cannot be read ({e}); prepare the photos again.") from e
+    return PrepReport.from_json(obj, output_dir)
+
+
+def set_caption(output_dir: str | Path, output: str, caption: str) -> PrepReport:
+    """Replace one photo's caption (its `.txt` and the report); an empty caption removes the `.txt`."""
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    caption = " ".join(caption.split())
+    txt = (Path(output_dir) / entry.output).with_suffix(".txt")
+    if caption:
+        atomic_write_text(txt, caption + "\n")
+    else:
+        txt.unlink(missing_ok=True)
+    return _replace_entry(report, dataclasses.replace(entry, caption=caption))
+
+
+def recrop(output_dir: str | Path, output: str, crop_box: tuple[int, int, int, int]) -> PrepReport:
+    """Re-render one square from its original with the user's box (source pixels, may reach past
+    the edges, which are padded white), and record the box. The box must be square."""
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    left, top, right, bottom = (int(round(v)) for v in crop_box)
+    side = right - left
+    if side < 8 or bottom - top < 8:
+        raise ValueError(f"crop_box: must be at least 8 pixels wide and high, got {tuple(crop_box)}")
+    if abs(side - (bottom - top)) > max(1, side // 100):
+        raise ValueError(f"crop_box: must be square, got {side}x{bottom - top} pixels")
+    bottom = top + side
+    original = Path(output_dir) / entry.original
+    try:
+        with Image.open(original) as im:
+            rgb = to_rgb(im)
+    except (OSError, UnidentifiedImageError) as e:
+        raise TrainingError(
+            f"The original of {output} cannot be read ({e}); prepare the photos again."
+        ) from e
+    w, h = rgb.size
+    if right <= 0 or bottom <= 0 or left >= w or top >= h:
+        raise ValueError(f"crop_box: {tuple(crop_box)} lies outside the {w}x{h} photo")
+    box = (left, top, right, bottom)
+    resolution = report.options.resolution
+    square = render_square(rgb, box, resolution)
+    buffer = io.BytesIO()
+    square.save(buffer, format="PNG")
+    atomic_write_bytes(Path(output_dir) / entry.output, buffer.getvalue())
+    warnings = [w_ for w_ in entry.warnings if not w_.startswith(_CROP_WARNING_PREFIXES)]
+    warnings += _upscale_warning(_visible_side(box, rgb.size), resolution)
+    return _replace_entry(report, dataclasses.replace(entry, crop_box=box, warnings=tuple(warnings)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_NAME).is_file():
+        raise ValueError(
+            f"output: {out} is not empty and holds no prepared photos; choose a new or empty folder"
+        )
+
+
+def _collect_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[Path], list[Path]]:
+    """Files to check, in a stable order: folders walked recursively, hidden entries skipped."""
+    files: list[Path] = []
+    missing: list[Path] = []
+    out_resolved = out.resolve()
+    for given in inputs:
+        path = Path(given)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = [
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
+            # A caption beside a photo is not a photo: skip `x.txt` when `x.<anything>` is there.
+            found = [p for p in found if not (p.suffix.lower() == ".txt" and _has_sibling_with_stem(p))]
+        else:
+            missing.append(path)
+            continue
+        for p in found:
+            # The set's own originals may be prepared again (other crop or captions): they are
+            # read before the new folder replaces the old one. Anything else inside would be lost.
+            inside = out_resolved == p.resolve().parent or out_resolved in p.resolve().parents
+            if inside and p.resolve().parent != out_resolved / ORIGINALS_DIR:
+                raise ValueError(
+                    f"input: {p} is inside the output folder {out}; choose another output folder"
+                )
+            if p not in files:
+                files.append(p)
+    return files, missing
+
+
+def _has_sibling_with_stem(txt: Path) -> bool:
+    return any(s != txt and s.stem == txt.stem for s in txt.parent.iterdir())
+
+
+def _describe_non_image(head: bytes) -> str:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in text[:1024] or (text.startswith(b"<?xml") and b"svg" in text[:1024]):
+        return "an SVG drawing, not a photo; export it as PNG or JPEG"
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:1024]:
+        return "a web page (HTML), not an image; save the image itself"
+    try:
+        if b"\0" not in head:  # binary headers (a damaged HEIC's ftyp box) are valid UTF-8 but hold NULs
+            head.decode("utf-8")
+            return "a text file, not an image"
+    except UnicodeDecodeError:
+        pass
+    return "not a readable image (unknown or damaged content)"
+
+
+def _open_checked(path: Path, options: PrepOptions) -> tuple[Image.Image, str, list[str]]:
+    """Decode `path` fully after checking it is an allowed, sane image; return RGB, format, warnings."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise _Rejected(f"cannot be read ({e.strerror})") from None
+    if size == 0:
+        raise _Rejected("the file is empty (0 bytes)")
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        with open(path, "rb") as f:
+            raise _Rejected(_describe_non_image(f.read(2048))) from None
+    except Image.DecompressionBombError:
+        raise _Rejected(
+            f"too many pixels (over {MAX_PIXELS // 1_000_000} megapixels); downsize it first"
+        ) from None
+    except OSError as e:
+        raise _Rejected(f"cannot be read ({e})") from None
+    with im:
+        fmt = im.format or "?"
+        if fmt not in IMAGE_FORMATS:
+            raise _Rejected(f"{fmt} files are not supported; use JPEG, PNG, WEBP, HEIC, BMP or TIFF")
+        w, h = im.size
+        # Before decoding: a small file can claim a huge canvas and eat the memory.
+        if w * h > MAX_PIXELS:
+            raise _Rejected(
+                f"too many pixels ({w}x{h}, over {MAX_PIXELS // 1_000_000} megapixels); downsize it first"
+            )
+        warnings = []
+        frames = getattr(im, "n_frames", 1)
+        if frames > 1 and fmt != "MPO":  # MPO's second frame is a phone's depth/preview image
+            warnings.append(f"animated ({frames} frames); the first frame is used")
+        try:
+            rgb = to_rgb(im)
+        except (OSError, ValueError, SyntaxError) as e:
+            reason = "truncated or damaged" if "truncated" in str(e) or isinstance(e, OSError) else "damaged"
+            raise _Rejected(f"{reason} ({e}); re-export or copy it again") from None
+    short = min(rgb.size)
+    if short < options.resolution / TOO_SMALL_FRACTION:
+        raise _Rejected(
+            f"far too small ({rgb.width}x{rgb.height}); the short side needs at least "
+            f"{options.resolution // TOO_SMALL_FRACTION} pixels, ideally {options.resolution}"
+        )
+    ratio = max(rgb.size) / short
+    if ratio > EXTREME_ASPECT:
+        warnings.append(f"very wide or tall ({ratio:.1f}:1); only a square part is used")
+    return rgb, fmt, warnings
+
+
+def _earlier_sources(out: Path) -> dict[Path, str]:
+    """original file -> source as first given, from a prepared folder's report (none: empty)."""
+    if not (out / REPORT_NAME).is_file():
+        return {}
+    try:
+        report = read_report(out)
+    except TrainingError:
+        return {}
+    return {(out / a.original).resolve(): a.source for a in report.accepted if a.original}
+
+
+def _prepare_one(path: Path, index: int, options: PrepOptions, given_as: str | None = None) -> _Prepared:
+    rgb, fmt, warnings = _open_checked(path, options)
+    box, face, crop_warnings = choose_crop_box(rgb, options.crop)
+    square = render_square(rgb, box, options.resolution)
+    warnings += crop_warnings
+    warnings += _upscale_warning(_visible_side(box, rgb.size), options.resolution)
+    return _Prepared(
+        source=path,
+        fmt=fmt,
+        index=index,
+        square=square,
+        crop_box=box,
+        source_size=rgb.size,
+        face_box=face,
+        phash=perceptual_hash(rgb),
+        sharpness=laplacian_variance(_visible_region(rgb, box, options.resolution)),
+        warnings=warnings,
+        output=f"{index + 1:03d}-{_slug(Path(given_as).stem if given_as else path.stem)}.png",
+        given_as=given_as or str(path),
+    )
+
+
+def _slug(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:40] or "photo"
+
+
+def _visible_side(box: tuple[int, int, int, int], size: tuple[int, int]) -> int:
+    """Pixels of the photo across the square (padding excluded), the detail actually kept."""
+    left, top, right, bottom = box
+    return max(0, min(min(right, size[0]) - max(left, 0), min(bottom, size[1]) - max(top, 0)))
+
+
+def _upscale_warning(side: int, resolution: int) -> list[str]:
+    if side >= resolution:
+        return []
+    return [f"upscaled: the crop is {side} pixels across, under the training resolution of {resolution}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_crop_box(
+    rgb: Image.Image, crop: str
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int] | None, list[str]]:
+    """The square to keep (may reach past the edges only for `none`), the face it is centred on, warnings."""
+    w, h = rgb.size
+    if crop == "none":
+        side = max(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return (left, top, left + side, top + side), None, []
+    if crop == "center":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return (left, top, left + side, top + side), None, []
+    from .faces import detect_faces
+
+    faces = detect_faces(rgb)
+    if faces:
+        face = faces[0]
+        warnings = []
+        if len(faces) > 1 and faces[1].size >= 0.6 * face.size:
+            warnings.append(f"several faces found ({len(faces)}); the crop is centred on the largest")
+        return face_crop_box(face.box, (w, h)), face.box, warnings
+    warnings = ["no face found; cropped around the busiest region instead"] if crop == "face" else []
+    return saliency_crop_box(rgb), None, warnings
+
+
+def face_crop_box(face: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Head and shoulders: a square about FACE_CROP_SCALE faces wide, the face in its upper half,
+    moved (not shrunk) to stay inside the photo, and always holding the whole face."""
+    w, h = size
+    fl, ft, fr, fb = face
+    face_side = max(fr - fl, fb - ft)
+    side = min(round(face_side * FACE_CROP_SCALE), w, h)
+    side = max(side, min(face_side, w, h))
+    cx, cy = (fl + fr) / 2, (ft + fb) / 2
+    left = round(cx - side / 2)
+    top = round(cy - FACE_CENTRE_HEIGHT * side)
+    # Keep the face inside when the square is tight, then keep the square inside the photo.
+    left = min(max(left, fr - side), fl)
+    top = min(max(top, fb - side), ft)
+    left = min(max(left, 0), w - side)
+    top = min(max(top, 0), h - side)
+    return (left, top, left + side, top + side)
+
+
+def saliency_crop_box(rgb: Image.Image) -> tuple[int, int, int, int]:
+    """The full-height (or full-width) square with the most local detail (entropy), slightly
+    preferring the centre: the subject is usually the busiest part, plain walls and sky are not."""
+    from skimage.filters.rank import entropy
+    from skimage.morphology import disk
+
+    w, h = rgb.size
+    side = min(w, h)
+    if w == h:
+        return (0, 0, w, h)
+    scale = 128 / side
+    small = rgb.convert("L").resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX
+    )
+    detail = entropy(np.array(small), disk(4)).astype(np.float64)  # (h', w') bits of local entropy
+    profile = detail.sum(axis=0) if w > h else detail.sum(axis=1)  # along the long axis
+    window = min(len(profile), round(side * scale))
+    sums = np.convolve(profile, np.ones(window), mode="valid")  # one per square position
+    positions = np.arange(len(sums))
+    centre = (len(sums) - 1) / 2
+    prior = 1.0 - 0.1 * np.abs(positions - centre) / max(centre, 1.0)  # ties go to the middle
+    best = int(np.argmax(sums * prior))
+    offset = min(round(best / scale), (max(w, h) - side))
+    return (offset, 0, offset + side, side) if w > h else (0, offset, side, offset + side)
+
+
+def render_square(rgb: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """The box of the photo (white where it reaches past the edges) at resolution x resolution."""
+    left, top, right, bottom = box
+    w, h = rgb.size
+    if left >= 0 and top >= 0 and right <= w and bottom <= h:
+        region = rgb.crop(box)
+    else:
+        region = Image.new("RGB", (right - left, bottom - top), (255, 255, 255))
+        inner = (max(left, 0), max(top, 0), min(right, w), min(bottom, h))
+        region.paste(rgb.crop(inner), (inner[0] - left, inner[1] - top))
+    return region.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset checks
+# ---------------------------------------------------------------------------------------------
+
+
+def perceptual_hash(rgb: Image.Image) -> int:
+    """64-bit DCT hash (pHash): low frequencies of a 32x32 grey copy against their median.
+    Re-encoding, resizing and small edits change few bits; a different photo changes about half."""
+    from scipy.fft import dctn
+
+    grey = np.asarray(rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = dctn(grey, norm="ortho")[:8, :8].flatten()
+    bits = low > np.median(low[1:])  # the DC term is left out of the median: it is the brightness
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def laplacian_variance(image: Image.Image) -> float:
+    """Sharpness: variance of the Laplacian of the grey image (a blurred photo has few edges)."""
+    from scipy.ndimage import laplace
+
+    return float(laplace(np.asarray(image.convert("L"), dtype=np.float64)).var())
+
+
+def _visible_region(rgb: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """The photo's part of the square, downscaled to the training scale but never upscaled (that
+    has its own warning): the photo's own sharpness, with no white padding to dilute it."""
+    left, top, right, bottom = box
+    inner = (max(left, 0), max(top, 0), min(right, rgb.width), min(bottom, rgb.height))
+    scale = min(1.0, resolution / (right - left))
+    size = (max(1, round((inner[2] - inner[0]) * scale)), max(1, round((inner[3] - inner[1]) * scale)))
+    return rgb.crop(inner).resize(size, Image.Resampling.BILINEAR)
+
+
+def _check_set(prepared: list[_Prepared]) -> None:
+    """Warnings that need the whole set: near-duplicates and photos much blurrier than the rest."""
+    for i, item in enumerate(prepared):
+        for other in prepared[:i]:
+            distance = hamming(item.phash, other.phash)
+            if distance <= DUPLICATE_MAX_BITS:
+                item.warnings.append(
+                    f"near-duplicate of {Path(other.given_as).name} ({distance} of 64 hash bits differ); "
+                    "one of them adds little"
+                )
+                break
+    if len(prepared) >= 3:
+        median = statistics.median(p.sharpness for p in prepared)
+        for item in prepared:
+            if item.sharpness < BLUR_FRACTION * median:
+                item.warnings.append(
+                    f"blurry: {item.sharpness / median:.0%} of the set's median sharpness; a sharper photo trains better"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+# ---------------------------------------------------------------------------------------------
+
+
+def _caption_all(
+    prepared: list[_Prepared], options: PrepOptions, emit: Emit, should_stop: ShouldStop
+) -> None:
+    if options.caption == "none" or not prepared:
+        return
+    template = options.template_caption
+    for item in prepared:
+        item.caption = template
+    if options.caption == "template":
+        return
+    from .captions import CaptionerUnavailable, compose_caption, load_captioner
+
+    emit(
+        StageStarted(
+            "caption",
+            f"captioning {len(prepared)} photo(s) with {options.caption_model}",
+            total=len(prepared),
+        )
+    )
+
+    def on_batch(done: int) -> None:
+        emit(Progress("caption", done, len(prepared)))
+        if should_stop():
+            raise StopRequested
+
+    try:
+        captioner = load_captioner(options.caption_model)
+        descriptions = captioner.caption([p.square for p in prepared], on_batch=on_batch)
+    except StopRequested:
+        raise
+    except CaptionerUnavailable as e:
+        _caption_fallback(prepared, str(e))
+        return
+    except Exception as e:  # a captioner failure must never lose the prepared photos
+        log.exception("captioning failed")
+        _caption_fallback(prepared, f"the captioner failed ({type(e).__name__}: {e})")
+        return
+    for item, description in zip(prepared, descriptions, strict=True):
+        item.caption = compose_caption(template, description)
+
+
+def _caption_fallback(prepared: list[_Prepared], why: str) -> None:
+    log.warning("captions: %s; using the template caption", why)
+    for item in prepared:
+        item.warnings.append(f"template caption used: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report edits
+# ---------------------------------------------------------------------------------------------
+
+
+def _find(report: PrepReport, output: str) -> AcceptedPhoto:
+    for entry in report.accepted:
+        if entry.output == output:
+            return entry
+    raise ValueError(f"output: no prepared photo named {output!r} in {report.output_dir}")
+
+
+def _replace_entry(report: PrepReport, new: AcceptedPhoto) -> PrepReport:
+    accepted = tuple(new if a.output == new.output else a for a in report.accepted)
+    report = dataclasses.replace(report, accepted=accepted)
+    atomic_write_json(Path(report.output_dir) / REPORT_NAME, report.to_json())
+    return report
