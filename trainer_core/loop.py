@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints
+from . import adapters, checkpoints, runs, tracking
 from .class_images import class_cache_dir, generate_class_images
 from .components import (
     add_lora,
@@ -117,6 +117,8 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=tracking.resolve_report_to(config.report_to) or None,
+        project_config=tracking.project_configuration(out),
     )
     main = accelerator.is_main_process
     if not main:
@@ -125,7 +127,9 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         if main:
             out.mkdir(parents=True, exist_ok=True)
             config.save(paths["config"])
+            runs.mark_run_started(out)
             write_status(paths["status"], "running", 0, config.max_train_steps, "starting")
+        tracking.start_trackers(accelerator, config)
         return _train(config, accelerator, paths, emit, should_stop)
     except StopRequested as e:
         if main:
@@ -380,24 +384,27 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 round(seconds, 3),
             )
             if main:
-                append_jsonl(
-                    paths["metrics"],
-                    {
-                        "step": global_step,
-                        "loss": sums["loss"],
-                        "instance_loss": sums["instance_loss"],
-                        "prior_loss": prior,
-                        "lr": lr_now,
-                        "seconds": round(seconds, 3),
-                    },
-                )
+                row = {
+                    "step": global_step,
+                    "loss": sums["loss"],
+                    "instance_loss": sums["instance_loss"],
+                    "prior_loss": prior,
+                    "lr": lr_now,
+                    "seconds": round(seconds, 3),
+                }
+                append_jsonl(paths["metrics"], row)
+                tracking.log_step(accelerator, row)
             emit(metrics)
         stop_now = _agree_on_stop(accelerator, should_stop())
         if main and (stop_now or time.monotonic() - status_written > 2.0):
             write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
             status_written = time.monotonic()
-        # A stop always leaves a resumable checkpoint, whatever the checkpoint interval.
-        if stop_now or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
+        # A stop, and the end, always leave a resumable checkpoint (so a run can be continued).
+        if (
+            stop_now
+            or global_step == config.max_train_steps
+            or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0)
+        ):
             _save_checkpoint(
                 config,
                 accelerator,
@@ -467,6 +474,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     if torch.cuda.is_available():
         summary["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if main:
+        runs.finish_run(paths["config"].parent, summary, config.to_dict())
         write_status(
             paths["status"],
             status,
@@ -751,7 +759,7 @@ def _validate(
     plain = config.prompt_without_token(prompt)
     if plain:
         variants.append(("without", plain))
-    saved = []
+    saved, images = [], {}
     autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else contextlib.nullcontext()
     with autocast:
         for label, text in variants:
@@ -766,10 +774,12 @@ def _validate(
                 target = out_dir / f"{label}-token-{i}.png"
                 image.save(target)
                 saved.append(str(target))
+                images.setdefault(f"{label}_token", []).append(image)
     vae.to("cpu")
     te_model.to(te_device)
     unet_model.train()
     if config.train_text_encoder:
         te_model.train()
+    tracking.log_samples(accelerator, step, images)
     emit(SamplesSaved(step, saved))
     return out_dir
