@@ -326,6 +326,9 @@ def test_runs_cli_lists_shows_and_deletes(two_runs, tmp_path, capsys):
     assert [r["run_id"] for r in listed][1:] == ["a-second", "z-first"]
     assert listed[-1]["learning_rate"] == 1e-3 and listed[-1]["final_loss"] is not None
 
+    assert main(["runs", "list", "--runs-dir", str(tmp_path / "typo")]) == 1
+    assert capsys.readouterr().err.startswith("error: runs_dir:")
+
     assert main(["runs", "show", str(root / "z-first")]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["summary"]["steps"] == STEPS and shown["metrics"][-1]["step"] == STEPS
@@ -337,3 +340,17 @@ def test_runs_cli_lists_shows_and_deletes(two_runs, tmp_path, capsys):
     assert main(["runs", "delete", str(root / "cli-copy"), "--runs-dir", str(root)]) == 0
     assert json.loads(capsys.readouterr().out.strip())["deleted"] == str(root / "cli-copy")
     assert not (root / "cli-copy").exists()
+
+
+def test_listing_runs_imports_neither_torch_nor_matplotlib(two_runs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, *_ = two_runs
+    code = (
+        "import sys, trainer_core.runs as r; "
+        f"assert len(r.list_runs({str(root)!r})) >= 2; "
+        "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

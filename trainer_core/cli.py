@@ -201,6 +201,8 @@ def cmd_runs(args) -> int:
     from . import runs
 
     if args.action == "list":
+        if not Path(args.runs_dir).is_dir():
+            raise ValueError(f"runs_dir: {args.runs_dir} is not a folder; give the folder holding the runs")
         print(json.dumps(runs.runs_table(runs.list_runs(args.runs_dir)), sort_keys=True))
         return 0
     if not args.run_dir:
