@@ -354,3 +354,23 @@ def test_listing_runs_imports_neither_torch_nor_matplotlib(two_runs):
         "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_curves_and_samples_for_comparing_runs(two_runs):
+    root, *_ = two_runs
+    a, b = root / "z-first", root / "a-second"
+    table = runs.loss_curves([a, b], key="instance_loss")
+    assert [(r["run"], r["step"]) for r in table] == [("z-first", s) for s in range(1, STEPS + 1)] + [
+        ("a-second", s) for s in range(1, STEPS + 1)
+    ]
+    for run in (a, b):
+        rows = _rows(run)
+        mine = [r for r in table if r["run"] == run.name]
+        assert [r["value"] for r in mine] == [r["instance_loss"] for r in rows]
+        assert [r["smoothed"] for r in mine] == pytest.approx(_ema([r["instance_loss"] for r in rows], 0.6))
+    with pytest.raises(ValueError, match="^key:"):
+        runs.loss_curves([a], key="accuracy")
+    assert runs.sample_steps(a) == {
+        STEPS: [a / "samples" / f"step-{STEPS:06d}" / n for n in ("with-token-0.png", "without-token-0.png")]
+    }
+    assert runs.sample_steps(b) == {}, "the second run made no validation images"

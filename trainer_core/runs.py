@@ -369,6 +369,37 @@ def finish_run(run_dir: str | Path, result: dict[str, Any], config: dict[str, An
         return None
 
 
+def loss_curves(
+    run_dirs: Iterable[str | Path], key: str = "loss", weight: float = SMOOTHING
+) -> list[dict[str, Any]]:
+    """Long-format rows {run, step, value, smoothed} of one loss (`loss`, `instance_loss` or
+    `prior_loss`) for several runs: one table to overlay their curves in a line plot coloured by run."""
+    if key not in {k for _, k, _ in LOSS_SERIES}:
+        raise ValueError(f"key: must be one of {', '.join(k for _, k, _ in LOSS_SERIES)}, got {key!r}")
+    table = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        points = [(r["step"], r[key]) for r in read_metrics(run_dir) if r.get(key) is not None]
+        smoothed = smooth([v for _, v in points], weight)
+        for (step, value), sm in zip(points, smoothed, strict=True):
+            table.append({"run": run_dir.name, "step": step, "value": value, "smoothed": sm})
+    return table
+
+
+def sample_steps(run_dir: str | Path) -> dict[int, list[Path]]:
+    """The validation images per step, oldest step first ({step: [with-token-0.png, ...]})."""
+    samples = Path(run_dir) / "samples"
+    found: dict[int, list[Path]] = {}
+    if samples.is_dir():
+        for folder in samples.iterdir():
+            name = folder.name
+            if folder.is_dir() and name.startswith("step-") and name[5:].isdigit():
+                images = sorted(folder.glob("*.png"))
+                if images:
+                    found[int(name[5:])] = images
+    return dict(sorted(found.items()))
+
+
 def runs_table(infos: Sequence[RunInfo]) -> list[dict[str, Any]]:
     """Key settings and results per run, one flat dict each (for a table or the CLI)."""
     table = []
