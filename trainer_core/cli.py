@@ -277,6 +277,26 @@ def cmd_import_adapter(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from . import runs
+
+    if args.action == "list":
+        if not Path(args.runs_dir).is_dir():
+            raise ValueError(f"runs_dir: {args.runs_dir} is not a folder; give the folder holding the runs")
+        print(json.dumps(runs.runs_table(runs.list_runs(args.runs_dir)), sort_keys=True))
+        return 0
+    if not args.run_dir:
+        raise ValueError(f"run_dir: 'runs {args.action}' needs a RUN_DIR")
+    if args.action == "show":
+        info = runs.read_run(args.run_dir).to_dict()
+        info["metrics"] = runs.read_metrics(args.run_dir)
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    runs.delete_run(args.run_dir, args.runs_dir)
+    print(json.dumps({"deleted": str(args.run_dir)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m trainer_core", description="DreamBooth LoRA training and generation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -401,6 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="For a single-file base model: a diffusers folder or Hub id with its configs.",
     )
     p.set_defaults(func=cmd_import_adapter)
+
+    p = sub.add_parser(
+        "runs",
+        help="List, show or delete training runs (JSON on stdout).",
+        description="Run history: 'list' the runs in --runs-dir (newest first), 'show' one run's config, "
+        "status, summary and metrics, 'delete' one run folder (only inside --runs-dir).",
+    )
+    p.add_argument("action", choices=["list", "show", "delete"], help="What to do.")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="The run folder (show, delete).")
+    p.add_argument(
+        "--runs-dir", default="runs", metavar="DIR", help="Folder holding the runs (default: runs)."
+    )
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

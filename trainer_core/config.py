@@ -109,9 +109,17 @@ class TrainConfig:
     num_validation_images: int = _f(1, "Validation images per prompt (0: none at all).")
     validation_inference_steps: int = _f(25, "Sampler steps for validation images.")
     # checkpoints
-    checkpointing_steps: int = _f(100, "Save a resumable checkpoint every N steps (0: never).")
+    checkpointing_steps: int = _f(
+        100, "Save a resumable checkpoint every N steps and at the end (0: only at the end and on a stop)."
+    )
     checkpoints_total_limit: int | None = _f(3, "Keep only the newest N checkpoints (unset: keep all).")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to continue from.")
+    # experiment tracking
+    report_to: str = _f(
+        "tensorboard",
+        "Experiment trackers: tensorboard (into the run folder's logs/, when installed), wandb, comet_ml "
+        "(installed and logged in), a comma list, all (every one installed and set up) or none.",
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -172,6 +180,9 @@ class TrainConfig:
             raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise bad("prediction_type", f"must be one of {', '.join(PREDICTION_TYPES)}")
+        from .tracking import parse_report_to
+
+        parse_report_to(self.report_to)  # raises ValueError("report_to: ...")
 
     # derived values
     @property

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints
+from . import adapters, checkpoints, runs, tracking
 from .class_images import class_cache_dir, generate_class_images
 from .components import (
     add_lora,
@@ -125,6 +125,8 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=tracking.resolve_report_to(config.report_to) or None,
+        project_config=tracking.project_configuration(out),
     )
     main = accelerator.is_main_process
     if not main:
@@ -133,7 +135,9 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         if main:
             out.mkdir(parents=True, exist_ok=True)
             config.save(paths["config"])
+            runs.mark_run_started(out)
             write_status(paths["status"], "running", 0, config.max_train_steps, "starting")
+        tracking.start_trackers(accelerator, config)
         return _train(config, accelerator, paths, emit, should_stop)
     except StopRequested as e:
         if main:
@@ -419,24 +423,27 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 round(seconds, 3),
             )
             if main:
-                append_jsonl(
-                    paths["metrics"],
-                    {
-                        "step": global_step,
-                        "loss": sums["loss"],
-                        "instance_loss": sums["instance_loss"],
-                        "prior_loss": prior,
-                        "lr": lr_now,
-                        "seconds": round(seconds, 3),
-                    },
-                )
+                row = {
+                    "step": global_step,
+                    "loss": sums["loss"],
+                    "instance_loss": sums["instance_loss"],
+                    "prior_loss": prior,
+                    "lr": lr_now,
+                    "seconds": round(seconds, 3),
+                }
+                append_jsonl(paths["metrics"], row)
+                tracking.log_step(accelerator, row)
             emit(metrics)
         stop_now = _agree_on_stop(accelerator, should_stop())
         if main and (stop_now or time.monotonic() - status_written > 2.0):
             write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
             status_written = time.monotonic()
-        # A stop always leaves a resumable checkpoint, whatever the checkpoint interval.
-        if stop_now or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
+        # A stop, and the end, always leave a resumable checkpoint (so a run can be continued).
+        if (
+            stop_now
+            or global_step == config.max_train_steps
+            or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0)
+        ):
             _save_checkpoint(
                 config,
                 accelerator,
@@ -509,6 +516,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     if torch.cuda.is_available():
         summary["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if main:
+        runs.finish_run(paths["config"].parent, summary, config.to_dict())
         write_status(
             paths["status"],
             status,
@@ -929,7 +937,7 @@ def _validate(
     plain = config.prompt_without_token(prompt)
     if plain:
         variants.append(("without", plain))
-    saved = []
+    saved, images = [], {}
     # Under autocast the VAE would decode in half precision, where SDXL's overflows (black or NaN
     # images): the pipeline stops at latents and the fp32 VAE decodes them outside autocast.
     decode_fp32 = accelerator.mixed_precision != "no"
@@ -951,11 +959,13 @@ def _validate(
             target = out_dir / f"{label}-token-{i}.png"
             image.save(target)
             saved.append(str(target))
+            images.setdefault(f"{label}_token", []).append(image)
     vae.to("cpu")
     unet_model.train()
     for te, te_device in zip(te_models, te_devices, strict=True):
         te.to(te_device)
         if config.train_text_encoder:
             te.train()
+    tracking.log_samples(accelerator, step, images)
     emit(SamplesSaved(step, saved))
     return out_dir
