@@ -44,23 +44,22 @@ def main(argv: list[str] | None = None) -> int:
 
     studio = Studio(args.data_dir, base_model=args.base_model)
     demo = build_app(studio)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(studio.data_dir)],
-        enable_monitoring=False,
-        show_error=False,
-        theme="soft",
-        css=_css(),
-    )
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options(studio))
     return 0
 
 
-def _css() -> str:
+def launch_options(studio) -> dict:
+    """Safe serving defaults, shared with the tests that launch the app."""
     from dreambooth_ui.layout import CSS
 
-    return CSS
+    return dict(
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(studio.data_dir)],  # only the data folder is served
+        enable_monitoring=False,
+        show_error=False,  # unexpected errors are logged; the page shows one sentence
+        theme="soft",
+        css=CSS,
+    )
 
 
 if __name__ == "__main__":

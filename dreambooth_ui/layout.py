@@ -281,19 +281,19 @@ def _photos_tab(studio: Studio) -> dict[str, Any]:
 def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     with gr.Tab("2 · Train", id="train"):
         with gr.Row():
-            dataset = gr.Dropdown([], label="Photo set", info="Prepared in the Photos tab.", scale=2)
+            dataset = gr.Dropdown([], label="Photo set", info="Prepared in the Photos tab.", scale=2, elem_id="dataset")
             adapter_name = gr.Textbox("", label="Adapter name", placeholder="default: token-class", scale=2)
         plan = gr.Markdown(elem_id="plan")
-        with gr.Accordion("Advanced settings", open=False):
+        with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
             with gr.Row():
-                steps = gr.Number(label="Steps", precision=0, minimum=1)
+                steps = gr.Number(label="Steps", precision=0, minimum=1, elem_id="adv-steps")
                 rank = gr.Number(label="LoRA rank", precision=0, minimum=1)
                 alpha = gr.Number(label="LoRA alpha (empty: = rank)")
                 lr = gr.Number(label="Learning rate")
             with gr.Row():
                 prior = gr.Checkbox(label="Prior preservation")
                 class_prompt = gr.Textbox(label="Class prompt")
-                num_class = gr.Number(label="Class images", precision=0, minimum=1)
+                num_class = gr.Number(label="Class images", precision=0, minimum=1, elem_id="adv-class-images")
                 prior_weight = gr.Number(label="Prior loss weight")
             with gr.Row():
                 resolution = gr.Number(label="Resolution (empty: the model's)", precision=0)
@@ -303,7 +303,9 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
             with gr.Row():
                 text_encoder = gr.Checkbox(label="Train the text encoder too")
                 validation_prompt = gr.Textbox(label="Validation prompt (empty: the instance prompt)")
-                validation_steps = gr.Number(label="Validation every N steps (0: at the end)", precision=0)
+                validation_steps = gr.Number(
+                    label="Validation every N steps (0: at the end)", precision=0, elem_id="adv-validation-steps"
+                )
                 checkpoint_steps = gr.Number(label="Checkpoint every N steps", precision=0)
         with gr.Row():
             start = gr.Button("Start training", variant="primary", elem_id="start-btn")
@@ -503,7 +505,7 @@ def _gallery_tab(studio: Studio) -> dict[str, Any]:
         with gr.Row():
             with gr.Column(scale=1):
                 adapter = gr.Dropdown([], label="Adapter", elem_id="gallery-pick")
-                details = gr.Markdown()
+                details = gr.Markdown(elem_id="gallery-details")
                 with gr.Row():
                     new_name = gr.Textbox(label="New name", scale=2)
                     rename = gr.Button("Rename", scale=1)
