@@ -2,7 +2,8 @@
 # the built-in tiny-sd15 model is made on the spot, nothing is downloaded.
 #
 #   make setup       create $(VENV) and install the pinned dependencies (again only if requirements change)
-#   make run         offline demo: synthetic photos -> 30-step training -> runs/demo/sample.png
+#   make run         the browser app on http://127.0.0.1:7860 (HOST=0.0.0.0 PORT=... DATA=... BASE_MODEL=...)
+#   make demo        offline CLI demo: synthetic photos -> 30-step training -> runs/demo/sample.png
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
 #   make bench       training speed benchmark (bench/train_speed.py; BENCH_ARGS=--quick for a smoke run)
@@ -16,7 +17,11 @@ STAMP := $(VENV)/.requirements-installed
 DEMO ?= runs/demo
 DEMO_PHOTOS ?= runs/demo-photos
 BENCH_ARGS ?=
-LINT_PATHS := trainer_core tests bench
+LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples
+HOST ?= 127.0.0.1
+PORT ?= 7860
+DATA ?= data
+BASE_MODEL ?= tiny-sd15
 
 # pytest exits 5 when it collected no tests; that is a failure here, but say so plainly.
 define pytest_or_explain
@@ -25,7 +30,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-.PHONY: help setup run test test-slow bench bench-switch lint
+.PHONY: help setup run demo test test-slow bench bench-switch lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -43,6 +48,9 @@ $(PY):
 	@echo "error: no virtual environment at $(VENV); run 'make setup' first" >&2; exit 1
 
 run: | $(PY)
+	$(PY) app.py --host $(HOST) --port $(PORT) --data-dir $(DATA) --base-model $(BASE_MODEL)
+
+demo: | $(PY)
 	rm -rf $(DEMO) $(DEMO_PHOTOS)
 	$(PY) examples/make_demo_photos.py $(DEMO_PHOTOS) --count 5
 	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-sd15 \

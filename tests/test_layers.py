@@ -34,3 +34,19 @@ def test_no_torchvision_notice_when_the_engine_builds_a_pipeline():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "torchvision" not in proc.stderr, proc.stderr
     assert "another transformers warning" in proc.stderr
+
+
+def test_ui_imports_no_torch_and_engine_no_gradio():
+    """Building the whole page (every tab, the API) loads gradio but not torch; the engine loads lazily."""
+    code = (
+        "import sys, tempfile\n"
+        "from dreambooth_ui.layout import build_app\n"
+        "from dreambooth_ui.studio import Studio\n"
+        "build_app(Studio(tempfile.mkdtemp()))\n"
+        "assert 'torch' not in sys.modules, 'torch imported while building the page'\n"
+        "assert 'gradio' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    for path in (ROOT / "dreambooth_ui").rglob("*.py"):
+        text = path.read_text()
+        assert "import torch" not in text and "from torch" not in text, path

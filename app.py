@@ -1,0 +1,66 @@
+"""DreamBooth Studio: the browser app.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--base-model ID_OR_PATH]
+
+Photos, training runs, adapters and generated images live under --data-dir; only that folder is
+served to the browser. Offline, the built-in `tiny-sd15` model lets you try every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# No usage analytics calls from a personal app (and none can reach out from the test machines).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+MAX_UPLOAD = "40mb"  # a phone photo is 3-15 MB; anything far larger is not a photo to train on
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="app.py", description="DreamBooth Studio: train a LoRA of your subject in the browser.")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to share on your network).")
+    p.add_argument("--port", type=int, default=7860, help="Port (default 7860).")
+    p.add_argument(
+        "--data-dir",
+        default=os.environ.get("DREAMBOOTH_STUDIO_DATA", "data"),
+        help="Folder for photos, runs, adapters and images (default: ./data or $DREAMBOOTH_STUDIO_DATA).",
+    )
+    p.add_argument(
+        "--base-model",
+        default="tiny-sd15",
+        help="Default base model: a Hub id, a local diffusers folder, a .safetensors file, or tiny-sd15 (offline test model).",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dreambooth_ui.layout import build_app
+    from dreambooth_ui.studio import Studio
+
+    studio = Studio(args.data_dir, base_model=args.base_model)
+    demo = build_app(studio)
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options(studio))
+    return 0
+
+
+def launch_options(studio) -> dict:
+    """Safe serving defaults, shared with the tests that launch the app."""
+    from dreambooth_ui.layout import CSS
+
+    return dict(
+        max_file_size=MAX_UPLOAD,
+        allowed_paths=[str(studio.data_dir)],  # only the data folder is served
+        enable_monitoring=False,
+        show_error=False,  # unexpected errors are logged; the page shows one sentence
+        theme="soft",
+        css=CSS,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The automation API: plain typed functions registered with `gr.api`, independent of the page layout.
+
+`gradio_client` calls them by api_name (see README "Automation API" and examples/api_client.py):
+prepare_photos, start_training, training_status, stop_training, list_adapters, generate. Errors reach
+the client as one sentence (a gr.Error), like in the page.
+"""
+
+# No `from __future__ import annotations` here: gr.api reads these annotations at runtime.
+
+import functools
+import logging
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+
+from .studio import Studio, UserError
+
+log = logging.getLogger(__name__)
+
+
+def friendly(fn):
+    """Show the person one sentence for any failure; keep the traceback in the log only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(
+                f"Something went wrong ({type(e).__name__}); the details are in the app's log.",
+                print_exception=False,
+            ) from None
+
+    return wrapper
+
+
+def _path_of(item: Any) -> str:
+    if isinstance(item, dict):
+        return item.get("path") or ""
+    return getattr(item, "path", None) or str(item)
+
+
+def register(studio: Studio) -> None:
+    """Register the API endpoints on the Blocks being built."""
+
+    def prepare_photos(
+        photos: list[FileData],
+        token: str = "sks",
+        class_noun: str = "person",
+        crop: str = "auto",
+        caption: str = "template",
+        dataset: str = "",
+    ) -> dict:
+        """Validate, crop and caption photos into a named photo set; returns the preparation report."""
+        return studio.prepare_photos(
+            [_path_of(p) for p in photos or []],
+            dataset,
+            token=token,
+            class_noun=class_noun,
+            crop=crop,
+            caption=caption,
+        )
+
+    def start_training(
+        dataset: str,
+        subject_type: str = "person",
+        token: str = "sks",
+        class_noun: str = "",
+        base_model: str = "",
+        adapter_name: str = "",
+        settings: dict | None = None,
+    ) -> dict:
+        """Start training a LoRA on a prepared photo set with the subject type's preset.
+
+        `settings` overrides TrainConfig fields by name (e.g. {"max_train_steps": 200}).
+        Returns the job snapshot; a second start while one runs is refused.
+        """
+        config = studio.plan_training(
+            dataset,
+            subject_type=subject_type,
+            token=token,
+            class_noun=class_noun or None,
+            base_model=base_model or None,
+            adapter_name=adapter_name or None,
+            **(settings or {}),
+        )
+        return studio.start_training(config)
+
+    def training_status() -> dict:
+        """The current (or last) job: state, stage, step, losses so far, samples, adapter name."""
+        return studio.training_status()
+
+    def stop_training() -> dict:
+        """Ask the running job to stop; it saves a checkpoint and a usable adapter first."""
+        return studio.stop_training()
+
+    def list_adapters() -> list[dict]:
+        """Every adapter in the gallery with its metadata, newest first."""
+        return studio.list_adapters()
+
+    def generate(
+        prompt: str,
+        adapter: str = "",
+        adapter_weight: float = 1.0,
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        seed: int = 0,
+        width: int = 0,
+        height: int = 0,
+        base_model: str = "",
+    ) -> FileData:
+        """One image for the prompt, with the named adapter (or the plain base model)."""
+        paths = studio.generate(
+            prompt,
+            adapter=adapter or None,
+            adapter_weight=adapter_weight,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            width=width or None,
+            height=height or None,
+            base_model=base_model or None,
+        )
+        return FileData(path=str(paths[0]))
+
+    for fn in (prepare_photos, start_training, training_status, stop_training, list_adapters, generate):
+        gr.api(friendly(fn), api_name=fn.__name__)

@@ -1,0 +1,435 @@
+"""The app's services, without Gradio: the data folder, the job runner, the adapter store and the
+generator, and the plain typed operations that both the page and the HTTP API call.
+
+Everything heavy (torch, diffusers) is imported inside the methods, so importing this module (and
+building the page) stays light; the first generation or training loads the engine.
+
+Data folder layout:
+
+    <data_dir>/uploads/<batch>/     raw uploads, copied out of Gradio's temporary cache at once
+    <data_dir>/datasets/<name>/     prepared photo sets (squares, captions, report.json, originals/)
+    <data_dir>/runs/<run_id>/       training runs (config, status, metrics, samples, checkpoints, adapter)
+    <data_dir>/adapters/<name>/     the adapter gallery (finished runs are copied in; imports too)
+    <data_dir>/outputs/             generated images
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from trainer_core.config import SUBJECT_TYPES, TrainConfig, preset_config
+
+from .jobs import JobBusy, JobRunner
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS = {
+    "tiny-sd15": "tiny-sd15 (offline test model, produces noise)",
+    "tiny-sdxl": "tiny-sdxl (offline test model, produces noise)",
+}
+HUB_MODELS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "Stable Diffusion 1.5",
+    "stabilityai/stable-diffusion-xl-base-1.0": "SDXL base 1.0",
+}
+CROP_MODES = ("auto", "face", "center", "none")
+CAPTIONERS = ("template", "blip", "none")
+_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class UserError(Exception):
+    """Something the person can fix; the message is one plain sentence."""
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """A folder name from user text; nothing that could leave its parent folder."""
+    if not isinstance(name, str) or "\x00" in name:
+        raise UserError(f"The {what} contains characters that cannot be used in a folder name.")
+    cleaned = _NAME.sub("-", name.strip()).strip(".-_")[:64]
+    if not cleaned:
+        raise UserError(f"Give the {what} at least one letter or digit.")
+    return cleaned
+
+
+class Studio:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        base_model: str = "tiny-sd15",
+        train_fn=None,
+        device: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.base_model = base_model
+        self.device = device
+        for sub in ("uploads", "datasets", "runs", "adapters", "outputs"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.runner = JobRunner(
+            self.data_dir / "runs", train_fn=train_fn, on_done=self._publish, before_start=self._free_generator
+        )
+        self.recovered = self.runner.recover()
+        self._store = None
+        self._generator = None
+        self._gen_lock = threading.Lock()
+
+    # -- folders ---------------------------------------------------------------------------------
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def store(self):
+        if self._store is None:
+            from trainer_core.store import AdapterStore
+
+            self._store = AdapterStore(self.adapters_dir)
+        return self._store
+
+    @property
+    def generator(self):
+        with self._gen_lock:
+            if self._generator is None:
+                from trainer_core.inference import Generator
+
+                self._generator = Generator(device=self.device)
+            return self._generator
+
+    # -- base model ------------------------------------------------------------------------------
+
+    def base_model_choices(self) -> list[tuple[str, str]]:
+        choices = [(label, key) for key, label in TINY_MODELS.items()]
+        choices += [(f"{label} ({key})", key) for key, label in HUB_MODELS.items()]
+        if self.base_model not in TINY_MODELS and self.base_model not in HUB_MODELS:
+            choices.insert(0, (self.base_model, self.base_model))
+        return choices
+
+    def base_model_note(self, base_model: str) -> str:
+        """One line on whether `base_model` can be used here, without loading it."""
+        from trainer_core.planning import check_base_model
+
+        return check_base_model(base_model)
+
+    # -- photos ----------------------------------------------------------------------------------
+
+    def save_uploads(self, files: Sequence[str | Path]) -> list[Path]:
+        """Copy uploads out of Gradio's cache into the data folder at once (that cache is temporary)."""
+        batch = self.data_dir / "uploads" / time.strftime("%Y%m%d-%H%M%S")
+        while batch.exists():
+            batch = batch.with_name(batch.name + "_")
+        batch.mkdir(parents=True)
+        saved = []
+        for i, f in enumerate(files):
+            src = Path(f)
+            if not src.is_file():
+                continue
+            # Keep the user's file name (for the report) but never its directories.
+            target = batch / f"{i:03d}-{safe_name(src.name, 'file name') if src.name else 'upload'}"
+            shutil.copyfile(src, target)
+            saved.append(target)
+        return saved
+
+    def prepare_photos(
+        self,
+        files: Sequence[str | Path],
+        dataset: str,
+        *,
+        token: str = "sks",
+        class_noun: str = "person",
+        crop: str = "auto",
+        caption: str = "template",
+        resolution: int = 512,
+    ) -> dict[str, Any]:
+        from trainer_core.prep import PrepOptions, prepare_photos
+
+        if not files:
+            raise UserError("Add some photos first (5 to 20 of the subject work best).")
+        name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
+        uploads = self.save_uploads(files)
+        options = PrepOptions(resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun)
+        out = self.datasets_dir / name
+        report = prepare_photos(uploads, out, options)
+        result = report_dict(report)
+        result["dataset"] = name
+        result["token"] = token
+        result["class_noun"] = class_noun
+        return result
+
+    def list_datasets(self) -> list[str]:
+        found = [p for p in self.datasets_dir.iterdir() if (p / "report.json").is_file()]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def dataset_report(self, dataset: str) -> dict[str, Any]:
+        from trainer_core.prep import read_report
+
+        folder = self.datasets_dir / safe_name(dataset, "photo set name")
+        if not (folder / "report.json").is_file():
+            raise UserError(f"There is no prepared photo set called {dataset!r}; prepare photos first.")
+        result = report_dict(read_report(folder))
+        result["dataset"] = folder.name
+        return result
+
+    def set_caption(self, dataset: str, output: str, caption: str) -> dict[str, Any]:
+        from trainer_core.prep import set_caption
+
+        folder = self.datasets_dir / safe_name(dataset, "photo set name")
+        return report_dict(set_caption(folder, output, caption))
+
+    # -- training --------------------------------------------------------------------------------
+
+    def plan_training(
+        self,
+        dataset: str,
+        *,
+        subject_type: str = "person",
+        token: str = "sks",
+        class_noun: str | None = None,
+        base_model: str | None = None,
+        **overrides: Any,
+    ) -> TrainConfig:
+        """The preset for the subject type and photo count, with the user's overrides applied."""
+        if subject_type not in SUBJECT_TYPES:
+            raise UserError(f"Pick a subject type: {', '.join(SUBJECT_TYPES)}.")
+        report = self.dataset_report(dataset)
+        n = len(report["accepted"])
+        if n == 0:
+            raise UserError("This photo set has no usable photos; add photos and prepare them again.")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return preset_config(
+                subject_type,
+                n,
+                token=token,
+                class_noun=class_noun or None,
+                instance_dir=str(self.datasets_dir / report["dataset"]),
+                base_model=base_model or self.base_model,
+                adapter_name=overrides.pop("adapter_name", None) or f"{token}-{class_noun or subject_type}",
+                output_dir=str(self.runs_dir / "pending"),
+                **overrides,
+            )
+        except ValueError as e:
+            raise UserError(_sentence(str(e))) from e
+
+    def estimate_text(self, config: TrainConfig) -> str:
+        from trainer_core.planning import estimate_training
+
+        return estimate_training(config, self.runs_dir).text()
+
+    def start_training(self, config: TrainConfig) -> dict[str, Any]:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + safe_name(config.adapter_name or "run", "adapter name")
+        try:
+            self.runner.start(config, run_id)
+        except JobBusy as e:
+            raise UserError(str(e)) from e
+        return self.runner.snapshot()
+
+    def resume_training(self, run_id: str) -> dict[str, Any]:
+        from trainer_core.events import TrainingError
+
+        try:
+            self.runner.resume(safe_name(run_id, "run id"))
+        except JobBusy as e:
+            raise UserError(str(e)) from e
+        except TrainingError as e:
+            raise UserError(str(e)) from e
+        return self.runner.snapshot()
+
+    def training_status(self) -> dict[str, Any]:
+        return self.runner.snapshot()
+
+    def stop_training(self) -> dict[str, Any]:
+        stopping = self.runner.stop()
+        snap = self.runner.snapshot()
+        if not stopping:
+            snap["message"] = "No training is running."
+        return snap
+
+    def _free_generator(self) -> None:
+        with self._gen_lock:
+            if self._generator is not None:
+                self._generator.unload_all()
+
+    def _publish(self, run_dir: Path, result: Any) -> str | None:
+        """Copy the finished (or stopped) run's adapter into the gallery; return its name there."""
+        info = self.store.add(result.adapter_dir)
+        return info.name
+
+    # -- adapters and generation -----------------------------------------------------------------
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        return [adapter_dict(a) for a in self.store.list()]
+
+    def _adapter_path(self, name: str) -> Path:
+        try:
+            return Path(self.store.get(name).path)
+        except (KeyError, FileNotFoundError, ValueError) as e:
+            raise UserError(f"There is no adapter called {name!r} in the gallery.") from e
+
+    def _check_not_training(self) -> None:
+        if self.runner.running:
+            raise UserError("Training is using the GPU right now; generate when it finishes, or stop it.")
+
+    def generate_request(
+        self,
+        prompt: str,
+        *,
+        adapter: str | None = None,
+        adapter_weight: float = 1.0,
+        second_adapter: str | None = None,
+        second_weight: float = 0.5,
+        base_model: str | None = None,
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance: float = 7.5,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+    ):
+        from trainer_core.inference import GenerateRequest
+
+        adapters = []
+        base = base_model
+        for name, weight in ((adapter, adapter_weight), (second_adapter, second_weight)):
+            if name:
+                info = self.store.get(name) if name else None
+                adapters.append((str(self._adapter_path(name)), float(weight)))
+                base = base or (info.base_model if info else None)
+        if not prompt or not prompt.strip():
+            raise UserError("Write a prompt first, e.g. 'a photo of sks dog on a beach'.")
+        try:
+            return GenerateRequest(
+                base_model=base or self.base_model,
+                prompt=prompt,
+                negative_prompt=negative_prompt or "",
+                steps=int(steps),
+                guidance=float(guidance),
+                width=int(width) if width else None,
+                height=int(height) if height else None,
+                seed=int(seed),
+                num_images=int(num_images),
+                adapters=tuple(adapters),
+            )
+        except ValueError as e:
+            raise UserError(_sentence(str(e))) from e
+
+    def generate(self, prompt: str, **kwargs: Any) -> list[Path]:
+        """Images for the prompt (with the chosen adapters), saved under outputs/; their paths."""
+        self._check_not_training()
+        request = self.generate_request(prompt, **kwargs)
+        images = self._run_generator(lambda g: g.generate(request))
+        return self._save_images(images, "gen")
+
+    def compare_token(self, prompt: str, token: str, **kwargs: Any) -> tuple[Path, list[tuple[str, Path]]]:
+        """The same seed with and without the token: a labelled grid and the single images."""
+        self._check_not_training()
+        request = self.generate_request(prompt, **kwargs)
+        grid, labelled = self._run_generator(lambda g: g.compare_token(request, token))
+        paths = self._save_images([grid] + [im for _, im in labelled], "compare")
+        return paths[0], [(label, p) for (label, _), p in zip(labelled, paths[1:], strict=True)]
+
+    def _run_generator(self, fn):
+        from trainer_core.events import TrainingError
+
+        try:
+            return fn(self.generator)
+        except TrainingError as e:
+            raise UserError(str(e)) from e
+        except ValueError as e:
+            raise UserError(_sentence(str(e))) from e
+
+    def _save_images(self, images, prefix: str) -> list[Path]:
+        out = self.data_dir / "outputs"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for i, image in enumerate(images):
+            p = out / f"{prefix}-{stamp}-{time.monotonic_ns() % 10**6:06d}-{i}.png"
+            image.save(p)
+            paths.append(p)
+        return paths
+
+    # -- gallery ---------------------------------------------------------------------------------
+
+    def rename_adapter(self, name: str, new_name: str) -> dict[str, Any]:
+        return adapter_dict(self._store_call(self.store.rename, name, safe_name(new_name, "new name")))
+
+    def delete_adapter(self, name: str) -> None:
+        self._store_call(self.store.delete, name)
+
+    def restore_adapter(self, name: str) -> dict[str, Any]:
+        return adapter_dict(self._store_call(self.store.restore, name))
+
+    def deleted_adapters(self) -> list[dict[str, Any]]:
+        return [adapter_dict(a) for a in self.store.trash()]
+
+    def export_adapter(self, name: str) -> Path:
+        return self._store_call(self.store.export_zip, name, self.data_dir / "outputs")
+
+    def push_adapter(self, name: str, repo_id: str, token: str | None, private: bool = True) -> str:
+        if not repo_id or "/" not in repo_id:
+            raise UserError("Give the Hub repository as user/name, e.g. alice/sks-dog-lora.")
+        return self._store_call(self.store.push_to_hub, name, repo_id, token=token or None, private=private)
+
+    def _store_call(self, fn, *args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except (KeyError, FileNotFoundError) as e:
+            raise UserError(f"There is no adapter called {args[0]!r} in the gallery.") from e
+        except (ValueError, FileExistsError) as e:
+            raise UserError(_sentence(str(e))) from e
+
+
+def _sentence(text: str) -> str:
+    text = text.strip().splitlines()[0] if text.strip() else "Invalid input."
+    return text[0].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def report_dict(report) -> dict[str, Any]:
+    return {
+        "output_dir": str(report.output_dir),
+        "accepted": [
+            {
+                "source": Path(a.source).name,
+                "output": a.output,
+                "caption": a.caption,
+                "warnings": list(a.warnings),
+                "crop_box": list(a.crop_box) if a.crop_box else None,
+            }
+            for a in report.accepted
+        ],
+        "rejected": [{"source": Path(r.source).name, "reason": r.reason} for r in report.rejected],
+    }
+
+
+def adapter_dict(info) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "base_model": info.base_model,
+        "architecture": info.architecture,
+        "token": info.token,
+        "instance_prompt": info.instance_prompt,
+        "class_prompt": info.class_prompt,
+        "rank": info.rank,
+        "alpha": info.alpha,
+        "steps": info.steps,
+        "created": info.created,
+        "final_loss": info.final_loss,
+        "thumbnail": str(info.thumbnail) if info.thumbnail else None,
+        "path": str(info.path),
+    }

@@ -1,0 +1,135 @@
+"""The page as a person uses it: headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium; no browser download) uploads photos through the real file input, starts a short training
+on tiny-sd15, watches the loss plot gain points, generates, and saves a screenshot of every tab.
+
+Screenshots go to $SCREENSHOT_DIR (default: the test's temporary folder) so a person can look at them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from app_helpers import launch_app
+from conftest import write_photos
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()) and not os.environ.get("REQUIRE_BROWSER"),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_until(fn, timeout=120.0, what="condition"):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            value = fn()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - the DOM changes under us while Gradio renders
+            last = e
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what} ({last})")
+
+
+def set_number(driver, elem_id: str, value) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def click_tab(driver, label: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
+        if tab.text.strip().endswith(label):
+            tab.click()
+            return
+    raise AssertionError(f"no tab {label}")
+
+
+def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    demo, url, studio = launch_app(tmp_path / "data", "tiny-sd15")
+    try:
+        d = browser
+        d.get(url)
+        upload = wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload")
+        photos = sorted(write_photos(tmp_path / "photos", n=4, size=(160, 120)).glob("*.jpg"))
+        upload.send_keys("\n".join(str(p) for p in photos))
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads")
+        d.find_element(By.ID, "prepare-btn").click()
+        wait_until(lambda: "4 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 30, "prepared images")
+        d.save_screenshot(str(shots / "1-photos.png"))
+
+        click_tab(d, "Train")
+        wait_until(lambda: "Preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset")
+        d.find_element(By.CSS_SELECTOR, "#advanced button").click()
+        wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 10, "advanced")
+        set_number(d, "adv-steps", 12)
+        set_number(d, "adv-class-images", 2)
+        set_number(d, "adv-validation-steps", 6)
+        time.sleep(0.5)
+        d.find_element(By.ID, "start-btn").click()
+        wait_until(lambda: studio.training_status()["state"] == "running", 30, "job running")
+        # The plot is redrawn from the timer: it gains points while the job runs.
+        wait_until(lambda: studio.training_status()["step"] >= 4, 240, "4 steps")
+        wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#loss-plot canvas, #loss-plot svg"), 30, "loss plot drawn")
+        wait_until(lambda: "Training" in d.find_element(By.ID, "status-line").text, 30, "status line")
+        wait_until(lambda: studio.training_status()["state"] in ("finished", "failed"), 240, "job done")
+        assert studio.training_status()["state"] == "finished", studio.training_status()["message"]
+        wait_until(lambda: "Finished" in d.find_element(By.ID, "status-line").text, 30, "finished shown")
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 30, "validation images")
+        metrics_points = len(studio.training_status()["metrics"])
+        assert metrics_points == 12
+        d.save_screenshot(str(shots / "2-train.png"))
+
+        click_tab(d, "Generate")
+        name = studio.training_status()["adapter_name"]
+        wait_until(lambda: name in d.find_element(By.ID, "adapter-pick").text or
+                   d.find_element(By.CSS_SELECTOR, "#adapter-pick input").get_attribute("value") == name, 30, "adapter offered")  # fmt: skip
+        wait_until(lambda: "sks" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"), 30, "prompt")
+        d.find_element(By.ID, "generate-btn").click()
+        wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
+        d.save_screenshot(str(shots / "3-generate.png"))
+
+        click_tab(d, "Gallery")
+        wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 30, "gallery details")
+        d.save_screenshot(str(shots / "4-gallery.png"))
+        for shot in ("1-photos", "2-train", "3-generate", "4-gallery"):
+            assert (shots / f"{shot}.png").stat().st_size > 10_000
+    finally:
+        studio.runner.stop()
+        studio.runner.wait(60)
+        demo.close()

@@ -1,0 +1,173 @@
+"""The app's job runner with a scripted trainer: states, stop, failures, restart recovery.
+
+The real engine is exercised end to end in test_app.py; here the trainer is a fake so each state
+transition can be driven exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dreambooth_ui.jobs import JobBusy, JobRunner
+from trainer_core.config import TrainConfig
+from trainer_core.events import CheckpointSaved, Finished, StageStarted, StepMetrics, TrainingError
+
+
+@dataclass
+class FakeResult:
+    status: str
+    adapter_dir: Path | None
+
+
+class ScriptedTrainer:
+    """Emits `steps` StepMetrics; waits on `gate` before each step so tests control the pace."""
+
+    def __init__(self, steps=5, fail_at=None, error=None):
+        self.steps, self.fail_at, self.error = steps, fail_at, error
+        self.gate = threading.Semaphore(0)
+        self.configs: list[TrainConfig] = []
+
+    def release(self, n=1):
+        for _ in range(n):
+            self.gate.release()
+
+    def __call__(self, config, emit, should_stop):
+        self.configs.append(config)
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        emit(StageStarted("train", "training", total=self.steps))
+        step = 0
+        for step in range(1, self.steps + 1):
+            assert self.gate.acquire(timeout=20)
+            if self.fail_at == step:
+                raise self.error
+            emit(StepMetrics(step, self.steps, 1.0 / step, 0.5 / step, 0.5 / step, 1e-4, step * 0.5))
+            if step % 2 == 0:
+                emit(CheckpointSaved(step, str(out / f"checkpoints/checkpoint-{step}")))
+            if should_stop():
+                break
+        status = "stopped" if step < self.steps else "finished"
+        adapter = out / "adapter"
+        adapter.mkdir(exist_ok=True)
+        emit(Finished(status, {"steps": step}))
+        return FakeResult(status, adapter)
+
+
+def wait_for(predicate, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def config():
+    return TrainConfig(instance_dir="x", instance_prompt="a photo of sks dog", output_dir="unused", max_train_steps=5)
+
+
+def test_runs_to_finished_with_metrics_eta_and_publish(tmp_path):
+    trainer = ScriptedTrainer(steps=5)
+    published = []
+    runner = JobRunner(tmp_path / "runs", train_fn=trainer, on_done=lambda run, res: published.append(run) or "sks-dog")
+    assert runner.snapshot()["state"] == "idle"
+    runner.start(config(), "run1")
+    assert trainer.configs == [] or trainer.configs[0].output_dir == str(tmp_path / "runs" / "run1")
+    trainer.release(3)
+    wait_for(lambda: runner.snapshot()["step"] == 3)
+    snap = runner.snapshot()
+    assert snap["state"] == "running" and snap["stage"] == "train"
+    assert [m["step"] for m in snap["metrics"]] == [1, 2, 3]
+    assert snap["eta_seconds"] == pytest.approx(1.0)  # 0.5 s/step, 2 steps left
+    trainer.release(2)
+    assert runner.wait(20)
+    snap = runner.snapshot()
+    assert snap["state"] == "finished"
+    assert snap["adapter_name"] == "sks-dog"
+    assert "sks-dog is ready" in snap["message"]
+    assert published == [tmp_path / "runs" / "run1"]
+    assert trainer.configs[0].output_dir == str(tmp_path / "runs" / "run1")
+
+
+def test_second_start_is_refused_and_stop_saves(tmp_path):
+    trainer = ScriptedTrainer(steps=50)
+    runner = JobRunner(tmp_path / "runs", train_fn=trainer, on_done=lambda run, res: "a")
+    runner.start(config(), "run1")
+    trainer.release(2)
+    wait_for(lambda: runner.snapshot()["step"] == 2)
+    with pytest.raises(JobBusy, match="already running"):
+        runner.start(config(), "run2")
+    assert not (tmp_path / "runs" / "run2").exists()
+    assert runner.stop()
+    assert runner.snapshot()["state"] == "stopping"
+    trainer.release(1)
+    assert runner.wait(20)
+    snap = runner.snapshot()
+    assert snap["state"] == "stopped" and snap["step"] == 3
+    assert "Stopped at step 3" in snap["message"] and snap["adapter_name"] == "a"
+    assert snap["resumable"]  # a checkpoint was reported at step 2
+    assert not runner.stop()  # nothing running any more
+
+
+def test_failures_become_one_sentence(tmp_path):
+    trainer = ScriptedTrainer(steps=5, fail_at=2, error=TrainingError("The loss became NaN at step 2; lower the learning rate."))
+    runner = JobRunner(tmp_path / "runs", train_fn=trainer)
+    runner.start(config(), "run1")
+    trainer.release(2)
+    assert runner.wait(20)
+    snap = runner.snapshot()
+    assert snap["state"] == "failed"
+    assert snap["message"] == "The loss became NaN at step 2; lower the learning rate."
+
+    crash = ScriptedTrainer(steps=5, fail_at=1, error=KeyError("secret/internal/path"))
+    runner = JobRunner(tmp_path / "runs2", train_fn=crash)
+    runner.start(config(), "run1")
+    crash.release(1)
+    assert runner.wait(20)
+    snap = runner.snapshot()
+    assert snap["state"] == "failed"
+    assert "KeyError" in snap["message"] and "secret/internal/path" not in snap["message"]
+
+
+def _left_running(run_dir: Path, step: int, with_checkpoint: bool) -> None:
+    run_dir.mkdir(parents=True)
+    config().save(run_dir / "config.json")
+    (run_dir / "status.json").write_text(json.dumps({"status": "running", "step": step, "total_steps": 5}))
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 1.0, "instance_loss": 0.5, "prior_loss": 0.5}) + "\n" for s in range(1, step + 1))
+    )
+    if with_checkpoint:
+        ckpt = run_dir / "checkpoints" / "checkpoint-2"
+        ckpt.mkdir(parents=True)
+        (ckpt / "state.json").write_text(json.dumps({"step": 2}))
+
+
+def test_restart_turns_running_into_interrupted_or_lost_and_resumes(tmp_path):
+    runs = tmp_path / "runs"
+    _left_running(runs / "a-lost", 1, with_checkpoint=False)
+    time.sleep(0.01)
+    _left_running(runs / "b-interrupted", 3, with_checkpoint=True)
+    trainer = ScriptedTrainer(steps=5)
+    runner = JobRunner(runs, train_fn=trainer)
+    assert sorted(runner.recover()) == ["a-lost", "b-interrupted"]
+    assert json.loads((runs / "a-lost" / "status.json").read_text())["status"] == "lost"
+    status = json.loads((runs / "b-interrupted" / "status.json").read_text())
+    assert status["status"] == "interrupted" and "Interrupted at step 3" in status["message"]
+    snap = runner.snapshot()  # the newest left-running run is what the page shows
+    assert snap["state"] == "interrupted" and snap["run_id"] == "b-interrupted" and snap["resumable"]
+    assert len(snap["metrics"]) == 3
+    assert runner.recover() == []  # nothing is "running" any more
+
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        runner.resume("a-lost")
+    runner.resume("b-interrupted")
+    trainer.release(5)
+    assert runner.wait(20)
+    assert trainer.configs[0].resume_from_checkpoint == "latest"
+    assert trainer.configs[0].output_dir == str(runs / "b-interrupted")
