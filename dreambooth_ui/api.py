@@ -56,8 +56,10 @@ def register(studio: Studio) -> None:
         crop: str = "auto",
         caption: str = "template",
         dataset: str = "",
+        base_model: str = "",
     ) -> dict:
-        """Validate, crop and caption photos into a named photo set; returns the preparation report."""
+        """Validate, crop and caption photos into a named photo set (added to it if it exists), at the
+        base model's training resolution; returns the preparation report."""
         return studio.prepare_photos(
             [_path_of(p) for p in photos or []],
             dataset,
@@ -65,6 +67,7 @@ def register(studio: Studio) -> None:
             class_noun=class_noun,
             crop=crop,
             caption=caption,
+            base_model=base_model or None,
         )
 
     def start_training(

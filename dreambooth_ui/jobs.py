@@ -170,7 +170,7 @@ class JobRunner:
                 "eta_seconds": None if eta is None else round(eta, 1),
                 "message": job.message,
                 "metrics": list(job.metrics),
-                "samples": [{"step": s, "path": p} for s, p in job.samples],
+                "samples": [{"step": s, "image": p} for s, p in job.samples],
                 "checkpoints": list(job.checkpoints),
                 "adapter_dir": job.adapter_dir,
                 "adapter_name": job.adapter_name,

@@ -82,8 +82,8 @@ def status_html(snap: dict[str, Any]) -> str:
 def sample_items(snap: dict[str, Any]) -> list[tuple[str, str]]:
     items = []
     for s in snap.get("samples", []):
-        label = "with token" if Path(s["path"]).name.startswith("with-") else "without token"
-        items.append((s["path"], f"step {s['step']}: {label}"))
+        label = "with token" if Path(s["image"]).name.startswith("with-") else "without token"
+        items.append((s["image"], f"step {s['step']}: {label}"))
     return items[-8:]
 
 
@@ -145,7 +145,7 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
             )
             base_note = gr.Markdown(elem_id="base-note")
         with gr.Tabs() as tabs:
-            photos = _photos_tab(studio)
+            photos = _photos_tab(studio, base_model)
             train = _train_tab(studio, base_model, photos)
             generate = _generate_tab(studio, base_model)
             gallery = _gallery_tab(studio)
@@ -207,7 +207,7 @@ def _refresh_adapter_pickers(studio: Studio, selected: str | None):
     )
 
 
-def _photos_tab(studio: Studio) -> dict[str, Any]:
+def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
     with gr.Tab("1 · Photos", id="photos"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -255,11 +255,12 @@ def _photos_tab(studio: Studio) -> dict[str, Any]:
         return text, gallery, table or None, bad or None, report["dataset"]
 
     @friendly
-    def on_prepare(paths, tok, cls, crop_mode, captioner, set_name, progress=gr.Progress()):
+    def on_prepare(paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()):
         progress(0, desc="Checking and cropping photos")
         report = studio.prepare_photos(
-            paths or [], set_name, token=tok.strip(), class_noun=cls.strip(), crop=crop_mode, caption=captioner
-        )
+            paths or [], set_name, token=tok.strip(), class_noun=cls.strip(), crop=crop_mode, caption=captioner,
+            base_model=base,
+        )  # fmt: skip
         return render(report)
 
     @friendly
@@ -273,7 +274,7 @@ def _photos_tab(studio: Studio) -> dict[str, Any]:
         return gr.skip()
 
     outputs = [summary, prepared, captions, rejected, dataset_state]
-    prepare.click(on_prepare, [files, token, noun, crop, caption, name], outputs, api_visibility="private")
+    prepare.click(on_prepare, [files, token, noun, crop, caption, name, base_model], outputs, api_visibility="private")
     captions.input(on_caption_edit, [captions, dataset_state], None, api_visibility="private")
     return {"subject": subject, "token": token, "noun": noun, "dataset_state": dataset_state}
 
@@ -529,7 +530,7 @@ def _gallery_tab(studio: Studio) -> dict[str, Any]:
         trash = [a["name"] for a in studio.deleted_adapters()]
         if not info:
             return adapter_markdown(None), [], None, gr.Dropdown(choices=trash, value=None)
-        folder = Path(info["path"])
+        folder = Path(info["folder"])
         pics = [str(p) for p in sorted((folder / "samples").rglob("*.png"))][:12]
         downloads = [str(p) for p in sorted(folder.glob("*.safetensors"))]
         return adapter_markdown(info), pics, downloads or None, gr.Dropdown(choices=trash, value=None)

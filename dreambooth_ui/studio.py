@@ -154,17 +154,30 @@ class Studio:
         class_noun: str = "person",
         crop: str = "auto",
         caption: str = "template",
-        resolution: int = 512,
+        resolution: int | None = None,
+        base_model: str | None = None,
     ) -> dict[str, Any]:
-        from trainer_core.prep import PrepOptions, prepare_photos
+        """Check, crop and caption photos into datasets/<name>, at the base model's training resolution."""
+        from trainer_core.planning import native_resolution
+        from trainer_core.prep import ORIGINALS_DIR, REPORT_NAME, PrepOptions, prepare_photos
+
+        resolution = resolution or native_resolution(base_model or self.base_model)
 
         if not files:
             raise UserError("Add some photos first (5 to 20 of the subject work best).")
         name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
         uploads = self.save_uploads(files)
-        options = PrepOptions(resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun)
+        try:
+            options = PrepOptions(resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun)
+        except ValueError as e:
+            raise UserError(_sentence(str(e))) from e
         out = self.datasets_dir / name
-        report = prepare_photos(uploads, out, options)
+        inputs: list[Path] = list(uploads)
+        if (out / REPORT_NAME).is_file():
+            # Adding to an existing set: its kept originals go through again with the new photos,
+            # so earlier photos are never dropped (the set is rebuilt beside and swapped in whole).
+            inputs.insert(0, out / ORIGINALS_DIR)
+        report = _engine_call(prepare_photos, inputs, out, options)
         result = report_dict(report)
         result["dataset"] = name
         result["token"] = token
@@ -275,9 +288,9 @@ class Studio:
     def list_adapters(self) -> list[dict[str, Any]]:
         return [adapter_dict(a) for a in self.store.list()]
 
-    def _adapter_path(self, name: str) -> Path:
+    def _adapter_info(self, name: str):
         try:
-            return Path(self.store.get(name).path)
+            return self.store.get(name)
         except (KeyError, FileNotFoundError, ValueError) as e:
             raise UserError(f"There is no adapter called {name!r} in the gallery.") from e
 
@@ -308,9 +321,9 @@ class Studio:
         base = base_model
         for name, weight in ((adapter, adapter_weight), (second_adapter, second_weight)):
             if name:
-                info = self.store.get(name) if name else None
-                adapters.append((str(self._adapter_path(name)), float(weight)))
-                base = base or (info.base_model if info else None)
+                info = self._adapter_info(name)
+                adapters.append((str(info.path), float(weight)))
+                base = base or info.base_model
         if not prompt or not prompt.strip():
             raise UserError("Write a prompt first, e.g. 'a photo of sks dog on a beach'.")
         try:
@@ -395,6 +408,18 @@ class Studio:
             raise UserError(_sentence(str(e))) from e
 
 
+def _engine_call(fn, *args: Any, **kwargs: Any):
+    """Call the engine; its one-sentence errors (TrainingError, ValueError) become UserError."""
+    from trainer_core.events import TrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except TrainingError as e:
+        raise UserError(str(e)) from e
+    except ValueError as e:
+        raise UserError(_sentence(str(e))) from e
+
+
 def _sentence(text: str) -> str:
     text = text.strip().splitlines()[0] if text.strip() else "Invalid input."
     return text[0].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
@@ -431,5 +456,5 @@ def adapter_dict(info) -> dict[str, Any]:
         "created": info.created,
         "final_loss": info.final_loss,
         "thumbnail": str(info.thumbnail) if info.thumbnail else None,
-        "path": str(info.path),
+        "folder": str(info.path),
     }

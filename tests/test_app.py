@@ -75,7 +75,7 @@ def test_whole_flow_over_http(app_client, tmp_path):
     assert done["state"] == "finished", done["message"]
     assert done["step"] == 6 and len(done["metrics"]) == 6
     assert {"instance_loss", "prior_loss", "loss"} <= set(done["metrics"][-1])
-    assert any(s["path"].endswith(".png") for s in done["samples"])
+    assert any(s["image"].endswith(".png") for s in done["samples"])
     name = done["adapter_name"]
 
     adapters = client.predict(api_name="/list_adapters")
@@ -121,3 +121,23 @@ def test_stop_mid_run_leaves_a_usable_adapter(app_client, tmp_path):
     with Image.open(image) as im:
         assert im.size[0] > 0
     assert client.predict(api_name="/stop_training")["message"] == "No training is running."
+
+
+def test_example_api_client_runs_the_whole_flow(app_client, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    client, studio = app_client
+    root = Path(__file__).resolve().parents[1]
+    photos = write_photos(tmp_path / "photos", n=3, seed=9)
+    out = tmp_path / "out" / "dog.png"
+    proc = subprocess.run(
+        [sys.executable, "examples/api_client.py", "--url", client.src, "--photos", str(photos), "--out", str(out),
+         "--steps", "3", "--num-class-images", "2", "--timeout", "240"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "image written to" in proc.stdout
+    with Image.open(out) as im:
+        assert im.size[0] > 0

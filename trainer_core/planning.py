@@ -81,6 +81,18 @@ def guess_architecture(base_model: str) -> str | None:
     return "sdxl" if "xl" in name.lower() else None
 
 
+def native_resolution(base_model: str) -> int:
+    """The resolution a model trains at by default: 512 for SD 1.5, 1024 for SDXL, 64 for the tiny ones."""
+    from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
+
+    name = (base_model or "").strip()
+    if name == "tiny-sd15":
+        return TINY_SD15.resolution
+    if name == "tiny-sdxl":
+        return TINY_SDXL.resolution
+    return SDXLShape().resolution if guess_architecture(name) == "sdxl" else SD15Shape().resolution
+
+
 @dataclass(frozen=True)
 class Estimate:
     weights_gb: float | None  # frozen weights in the training precision (exact for real models)
