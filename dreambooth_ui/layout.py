@@ -50,7 +50,14 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
             rows.append((m["step"], m["prior_loss"], "prior loss"))
         rows.append((m["step"], m["loss"], "total"))
         rows.append((m["step"], s, "total (smoothed)"))
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return typed_frame(rows, {"step": "int64", "loss": "float64", "series": "str"})
+
+
+def typed_frame(rows: list, dtypes: dict[str, str]) -> pd.DataFrame:
+    """A frame with fixed column types even when empty: the plot keeps the axis types of its first
+    value, and an empty frame's object columns would make the loss axis categorical for good."""
+    frame = pd.DataFrame(rows, columns=list(dtypes))
+    return frame.astype(dtypes)
 
 
 def status_html(snap: dict[str, Any]) -> str:
@@ -58,7 +65,7 @@ def status_html(snap: dict[str, Any]) -> str:
     if state == "idle":
         return "<p>No training yet. Prepare photos, then press <b>Start training</b>.</p>"
     current, total = (snap.get("progress") or [0, 0]) + [0, 0][len(snap.get("progress") or []) :]
-    fraction = (current / total) if total else 0.0
+    fraction = 1.0 if state == "finished" else (current / total) if total else 0.0
     eta = snap.get("eta_seconds")
     eta_text = f" · about {_duration(eta)} left" if eta is not None and state == "running" else ""
     head = {
@@ -80,11 +87,12 @@ def status_html(snap: dict[str, Any]) -> str:
 
 
 def sample_items(snap: dict[str, Any]) -> list[tuple[str, str]]:
+    """The newest validation images first (with and without the token side by side)."""
     items = []
-    for s in snap.get("samples", []):
+    for s in sorted(snap.get("samples", []), key=lambda s: -s["step"]):
         label = "with token" if Path(s["image"]).name.startswith("with-") else "without token"
         items.append((s["image"], f"step {s['step']}: {label}"))
-    return items[-8:]
+    return items[:8]
 
 
 def _duration(seconds: float) -> str:
@@ -149,6 +157,7 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
             train = _train_tab(studio, base_model, photos)
             generate = _generate_tab(studio, base_model)
             gallery = _gallery_tab(studio)
+            runs = _runs_tab(studio)
 
         base_model.change(friendly(studio.base_model_note), base_model, base_note)
 
@@ -190,6 +199,19 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
             [generate["gallery"], generate["adapter"], generate["second_adapter"], gallery["adapter"]],
         )
         train["go_generate"].click(lambda: gr.Tabs(selected="generate"), None, tabs)
+
+        @friendly
+        def open_run_adapter(run_id):
+            if not run_id:
+                raise UserError("Pick a run first.")
+            name = studio.run_adapter(run_id)
+            return (*_refresh_adapter_pickers(studio, name), gr.Tabs(selected="generate"))
+
+        runs["open"].click(
+            open_run_adapter,
+            runs["pick"],
+            [generate["gallery"], generate["adapter"], generate["second_adapter"], gallery["adapter"], tabs],
+        )
         api.register(studio)
     demo.queue(default_concurrency_limit=4)
     return demo
@@ -383,7 +405,9 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
         metrics = snap.get("metrics", [])
         return (
             status_html(snap),
-            loss_frame(metrics),
+            # No value at all until there are points: a plot first given an empty frame keeps an
+            # empty colour domain and never draws its lines.
+            loss_frame(metrics) if metrics else None,
             sample_items(snap),
             gr.Button(visible=bool(snap.get("resumable"))),
             gr.Button(visible=bool(snap.get("adapter_name")) and state in ("finished", "stopped")),
@@ -453,8 +477,8 @@ def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
                     guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
                     seed = gr.Number(0, label="Seed", precision=0)
                 with gr.Row():
-                    width = gr.Number(None, label="Width (empty: the model's)", precision=0)
-                    height = gr.Number(None, label="Height (empty: the model's)", precision=0)
+                    width = gr.Number(0, label="Width (0: the model's)", precision=0, minimum=0)
+                    height = gr.Number(0, label="Height (0: the model's)", precision=0, minimum=0)
                     count = gr.Slider(1, 4, value=1, step=1, label="Images")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -580,3 +604,81 @@ def _gallery_tab(studio: Studio) -> dict[str, Any]:
     restore.click(on_restore, deleted, adapter, api_visibility="private")
     push.click(on_push, [adapter, repo, hf_token, private], pushed, api_visibility="private")
     return {"adapter": adapter}
+
+
+RUN_COLUMNS = [
+    ("run_id", "run"), ("status", "status"), ("step", "step"), ("max_train_steps", "of"),
+    ("learning_rate", "learning rate"), ("rank", "rank"), ("prior_loss_weight", "prior weight"),
+    ("base_model", "base model"), ("final_loss", "final loss"), ("smoothed_final_loss", "smoothed"),
+]  # fmt: skip
+LOSS_KEYS = {"total": "loss", "instance": "instance_loss", "prior": "prior_loss"}
+
+
+def _runs_tab(studio: Studio) -> dict[str, Any]:
+    with gr.Tab("5 · Runs", id="runs") as tab:
+        with gr.Row():
+            refresh = gr.Button("Refresh", scale=0, min_width=120)
+            gr.Markdown("Every training run, newest first. Tick two or more to overlay their losses and "
+                        "see their validation images side by side.")  # fmt: skip
+        table = gr.Dataframe(headers=[label for _, label in RUN_COLUMNS], interactive=False, elem_id="runs-table")
+        selected = gr.CheckboxGroup([], label="Compare runs", elem_id="runs-compare")
+        with gr.Row():
+            loss = gr.Radio(list(LOSS_KEYS), value="total", label="Loss")
+            step = gr.Dropdown([], label="Validation images at step")
+        with gr.Row():
+            plot = gr.LinePlot(
+                x="step", y="smoothed", color="run", label="Smoothed loss", height=320, elem_id="runs-plot"
+            )
+            images = gr.Gallery(label="Validation images", columns=4, height=320, elem_id="runs-images")
+        with gr.Row():
+            pick = gr.Dropdown([], label="Run", scale=2)
+            open_btn = gr.Button("Open its adapter in Generate", scale=1)
+            delete = gr.Button("Delete run", variant="stop", scale=1)
+
+    @friendly
+    def on_refresh(chosen):
+        rows = studio.list_runs()
+        ids = [r["run_id"] for r in rows]
+        table_rows = [[_cell(r.get(key)) for key, _ in RUN_COLUMNS] for r in rows]
+        keep = [c for c in (chosen or []) if c in ids]
+        return (
+            table_rows or None,
+            gr.CheckboxGroup(choices=ids, value=keep),
+            gr.Dropdown(choices=ids, value=ids[0] if ids else None),
+        )
+
+    @friendly
+    def on_compare(chosen, which, at_step):
+        chosen = chosen or []
+        curves = studio.compare_runs(chosen, LOSS_KEYS[which]) if chosen else []
+        frame = typed_frame(
+            [[c["run"], c["step"], c["value"], c["smoothed"]] for c in curves],
+            {"run": "str", "step": "int64", "value": "float64", "smoothed": "float64"},
+        )
+        by_step = studio.run_samples(chosen) if chosen else {}
+        steps = list(by_step)
+        value = at_step if at_step in steps else (steps[-1] if steps else None)
+        items = [(str(p), f"{run} · step {value} · {p.stem}") for run, p in by_step.get(value, [])]
+        return frame, gr.Dropdown(choices=steps, value=value), items
+
+    @friendly
+    def on_delete(run_id):
+        if not run_id:
+            raise UserError("Pick a run first.")
+        studio.delete_run(run_id)
+        gr.Info(f"Deleted the run {run_id}.")
+
+    tab.select(on_refresh, selected, [table, selected, pick])
+    refresh.click(on_refresh, selected, [table, selected, pick], api_visibility="private")
+    for trigger in (selected.change, loss.change, step.input):
+        trigger(on_compare, [selected, loss, step], [plot, step, images], api_visibility="private")
+    delete.click(on_delete, pick, None, api_visibility="private").then(
+        on_refresh, selected, [table, selected, pick]
+    )
+    return {"pick": pick, "open": open_btn}
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    return "" if value is None else value

@@ -42,6 +42,7 @@ HUB_MODELS = {
 CROP_MODES = ("auto", "face", "center", "none")
 CAPTIONERS = ("template", "blip", "none")
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
+PUBLISHED = "published.json"  # in a run folder: the name its adapter got in the gallery
 
 
 class UserError(Exception):
@@ -279,9 +280,64 @@ class Studio:
                 self._generator.unload_all()
 
     def _publish(self, run_dir: Path, result: Any) -> str | None:
-        """Copy the finished (or stopped) run's adapter into the gallery; return its name there."""
+        """Copy the finished (or stopped) run's adapter into the gallery; return its name there.
+
+        The run remembers the name (published.json), so the Runs view can open it in Generate.
+        """
+        from trainer_core.fileio import atomic_write_json
+
         info = self.store.add(result.adapter_dir)
+        atomic_write_json(run_dir / PUBLISHED, {"adapter": info.name})
         return info.name
+
+    # -- run history -----------------------------------------------------------------------------
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        from trainer_core.runs import list_runs, runs_table
+
+        return runs_table(list_runs(self.runs_dir))
+
+    def _run_dir(self, run_id: str) -> Path:
+        run_dir = self.runs_dir / safe_name(run_id, "run id")
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"There is no run called {run_id!r}.")
+        return run_dir
+
+    def compare_runs(self, run_ids: Sequence[str], loss: str = "loss") -> list[dict[str, Any]]:
+        """One long table of the runs' losses (raw and smoothed), to overlay in one plot."""
+        from trainer_core.runs import loss_curves
+
+        return _engine_call(loss_curves, [self._run_dir(r) for r in run_ids], loss)
+
+    def run_samples(self, run_ids: Sequence[str]) -> dict[int, list[tuple[str, Path]]]:
+        """Validation images per step, across runs: {step: [(run id, image), ...]}."""
+        from trainer_core.runs import sample_steps
+
+        by_step: dict[int, list[tuple[str, Path]]] = {}
+        for run_id in run_ids:
+            for step, images in sample_steps(self._run_dir(run_id)).items():
+                by_step.setdefault(step, []).extend((run_id, p) for p in images)
+        return dict(sorted(by_step.items()))
+
+    def run_adapter(self, run_id: str) -> str:
+        """The gallery name of a run's adapter."""
+        import json
+
+        try:
+            name = json.loads((self._run_dir(run_id) / PUBLISHED).read_text())["adapter"]
+            self.store.get(name)
+            return name
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"The run {run_id} has no adapter in the gallery (not finished, or deleted).") from e
+
+    def delete_run(self, run_id: str) -> None:
+        from trainer_core.runs import delete_run
+
+        run_dir = self._run_dir(run_id)
+        snap = self.runner.snapshot()
+        if self.runner.running and snap.get("run_id") == run_dir.name:
+            raise UserError("This run is training right now; stop it before deleting it.")
+        _engine_call(delete_run, run_dir, self.runs_dir)
 
     # -- adapters and generation -----------------------------------------------------------------
 

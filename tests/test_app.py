@@ -122,6 +122,16 @@ def test_stop_mid_run_leaves_a_usable_adapter(app_client, tmp_path):
         assert im.size[0] > 0
     assert client.predict(api_name="/stop_training")["message"] == "No training is running."
 
+    # Run history: both runs listed; their curves overlay in one table; the stopped run opens its adapter.
+    runs = {r["run_id"]: r for r in studio.list_runs()}
+    stopped_id = done["run_id"]
+    assert runs[stopped_id]["status"] == "stopped" and runs[stopped_id]["step"] == done["step"]
+    assert len(runs) == 2
+    curves = studio.compare_runs(list(runs))
+    assert {row["run"] for row in curves} == set(runs)
+    assert sum(1 for row in curves if row["run"] == stopped_id) == done["step"]
+    assert studio.run_adapter(stopped_id) == "zwx-cat"
+
 
 def test_example_api_client_runs_the_whole_flow(app_client, tmp_path):
     import subprocess

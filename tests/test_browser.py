@@ -65,6 +65,15 @@ def set_number(driver, elem_id: str, value) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
+def screenshot(driver, path: Path) -> None:
+    """The whole page, not just the window: grow the window to the page's height for the shot."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(max(height, 1100), 4000))
+    time.sleep(0.5)
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1400, 1100)
+
+
 def click_tab(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -91,7 +100,7 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         d.find_element(By.ID, "prepare-btn").click()
         wait_until(lambda: "4 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 30, "prepared images")
-        d.save_screenshot(str(shots / "1-photos.png"))
+        screenshot(d, shots / "1-photos.png")
 
         click_tab(d, "Train")
         wait_until(lambda: "Preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset")
@@ -111,9 +120,11 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         assert studio.training_status()["state"] == "finished", studio.training_status()["message"]
         wait_until(lambda: "Finished" in d.find_element(By.ID, "status-line").text, 30, "finished shown")
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 30, "validation images")
+        # Four drawn lines: instance loss, prior loss, total and smoothed total.
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4, 30, "4 lines")
         metrics_points = len(studio.training_status()["metrics"])
         assert metrics_points == 12
-        d.save_screenshot(str(shots / "2-train.png"))
+        screenshot(d, shots / "2-train.png")
 
         click_tab(d, "Generate")
         name = studio.training_status()["adapter_name"]
@@ -122,12 +133,21 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(lambda: "sks" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"), 30, "prompt")
         d.find_element(By.ID, "generate-btn").click()
         wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
-        d.save_screenshot(str(shots / "3-generate.png"))
+        screenshot(d, shots / "3-generate.png")
 
         click_tab(d, "Gallery")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 30, "gallery details")
-        d.save_screenshot(str(shots / "4-gallery.png"))
-        for shot in ("1-photos", "2-train", "3-generate", "4-gallery"):
+        screenshot(d, shots / "4-gallery.png")
+        click_tab(d, "Runs")
+        run_id = studio.training_status()["run_id"]
+        box = wait_until(
+            lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#runs-compare label") if run_id in b.text], 30, "run"
+        )
+        box[0].click()
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#runs-images img")) >= 2, 30, "run samples")
+        wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 30, "runs plot line")
+        screenshot(d, shots / "5-runs.png")
+        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000
     finally:
         studio.runner.stop()
