@@ -53,7 +53,7 @@ class JobBusy(Exception):
 class _Job:
     run_id: str
     run_dir: Path
-    config: TrainConfig
+    config: TrainConfig | None
     state: str = "running"  # running | stopping | finished | stopped | failed | interrupted | lost
     stage: str = "load"
     stage_message: str = ""
@@ -301,9 +301,9 @@ def _has_checkpoint(run_dir: Path) -> bool:
 def _job_from_disk(run_dir: Path) -> _Job:
     """A snapshot of a run that no thread owns, from its config, status and metrics files."""
     try:
-        config = TrainConfig.load(run_dir / "config.json")
+        config: TrainConfig | None = TrainConfig.load(run_dir / "config.json")
     except (OSError, ValueError):
-        config = TrainConfig()
+        config = None  # still shown (status and metrics); resume reports the unreadable config
     try:
         status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
@@ -327,7 +327,7 @@ def _job_from_disk(run_dir: Path) -> _Job:
         state=status.get("status", "lost"),
         stage="train",
         step=int(status.get("step", 0)),
-        total_steps=int(status.get("total_steps", config.max_train_steps)),
+        total_steps=int(status.get("total_steps", config.max_train_steps if config else 0)),
         message=status.get("message", ""),
         metrics=metrics,
         checkpoints=checkpoints,

@@ -456,8 +456,12 @@ class Studio:
         return self._store_call(self.store.push_to_hub, name, repo_id, token=token or None, private=private)
 
     def _store_call(self, fn, *args: Any, **kwargs: Any):
+        from trainer_core.events import TrainingError
+
         try:
             return fn(*args, **kwargs)
+        except TrainingError as e:  # e.g. the Hub push failed: its sentence says why
+            raise UserError(str(e)) from e
         except (KeyError, FileNotFoundError) as e:
             raise UserError(f"There is no adapter called {args[0]!r} in the gallery.") from e
         except (ValueError, FileExistsError) as e:

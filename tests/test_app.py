@@ -89,6 +89,12 @@ def test_whole_flow_over_http(app_client, tmp_path):
     with Image.open(image_path) as a, Image.open(again) as b:
         assert a.tobytes() == b.tobytes()  # same seed, same image
 
+    # The page's "compare" button: same seed with and without the token, both saved.
+    grid, labelled = studio.compare_token("a photo of sks dog", "sks", adapter=name, steps=2, seed=3)
+    assert [label for label, _ in labelled] == ["with sks", "without sks"]
+    with Image.open(labelled[0][1]) as a, Image.open(labelled[1][1]) as b, Image.open(grid) as g:
+        assert a.tobytes() != b.tobytes() and g.size[0] >= 2 * a.size[0]
+
     with pytest.raises(AppError, match="no adapter called"):
         client.predict(prompt="a photo", adapter="nope", api_name="/generate")
 
