@@ -20,13 +20,18 @@ MAX_UPLOAD = "40mb"  # a phone photo is 3-15 MB; anything far larger is not a ph
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="app.py", description="DreamBooth Studio: train a LoRA of your subject in the browser.")
-    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to share on your network).")
+    p = argparse.ArgumentParser(
+        prog="app.py", description="DreamBooth Studio: train a LoRA of your subject in the browser."
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0 to share on your network)."
+    )
     p.add_argument("--port", type=int, default=7860, help="Port (default 7860).")
     p.add_argument(
         "--data-dir",
-        default=os.environ.get("DREAMBOOTH_STUDIO_DATA", "data"),
-        help="Folder for photos, runs, adapters and images (default: ./data or $DREAMBOOTH_STUDIO_DATA).",
+        default=None,
+        help="Folder for photos, runs, adapters and images (default: $DREAMBOOTH_STUDIO_DATA, on a Space "
+        "its persistent storage /data, else ./data).",
     )
     p.add_argument(
         "--base-model",
@@ -40,10 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dreambooth_ui.layout import build_app
+    from dreambooth_ui.space import detect
     from dreambooth_ui.studio import Studio
 
-    studio = Studio(args.data_dir, base_model=args.base_model)
-    demo = build_app(studio)
+    deployment = detect(data_dir=args.data_dir)
+    logging.getLogger("app").info(
+        "data folder %s (%s)%s", deployment.data_dir, "persistent" if deployment.persistent else "ephemeral",
+        f", Space {deployment.space_id}" if deployment.on_space else "",
+    )  # fmt: skip
+    studio = Studio(deployment.data_dir, base_model=args.base_model, deployment=deployment)
+    demo = build_app(studio, banner=deployment.banner)
     demo.launch(server_name=args.host, server_port=args.port, **launch_options(studio))
     return 0
 

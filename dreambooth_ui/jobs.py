@@ -124,9 +124,13 @@ class JobRunner:
         try:
             config = TrainConfig.load(run_dir / "config.json")
         except (OSError, ValueError) as e:
-            raise TrainingError(f"The run {run_id} cannot be resumed: its config.json is unreadable ({e}).") from e
+            raise TrainingError(
+                f"The run {run_id} cannot be resumed: its config.json is unreadable ({e})."
+            ) from e
         if not _has_checkpoint(run_dir):
-            raise TrainingError(f"The run {run_id} has no checkpoint to resume from; start a new run instead.")
+            raise TrainingError(
+                f"The run {run_id} has no checkpoint to resume from; start a new run instead."
+            )
         return self.start(replace(config, resume_from_checkpoint="latest"), run_id)
 
     def stop(self) -> bool:
@@ -207,7 +211,9 @@ class JobRunner:
                 if resumable
                 else f"Lost at step {step}: the app stopped before the first checkpoint; start again."
             )
-            atomic_write_json(status_file, {**status, "status": new_state, "message": message, "updated": time.time()})
+            atomic_write_json(
+                status_file, {**status, "status": new_state, "message": message, "updated": time.time()}
+            )
             changed.append((last_update, run_dir.name))
             log.info("run %s was left running: now %s", run_dir.name, new_state)
         if changed and not self.running:
@@ -265,7 +271,11 @@ class JobRunner:
             return
         except Exception as e:  # noqa: BLE001 - the page shows one sentence; the log keeps the rest
             log.error("training crashed:\n%s", traceback.format_exc())
-            self._finish(job, "failed", f"Training stopped with an unexpected error ({type(e).__name__}); see the app log.")
+            self._finish(
+                job,
+                "failed",
+                f"Training stopped with an unexpected error ({type(e).__name__}); see the app log.",
+            )
             return
         status = getattr(result, "status", "finished")
         adapter_dir = getattr(result, "adapter_dir", None)
@@ -275,7 +285,9 @@ class JobRunner:
                 name = self._on_done(job.run_dir, result)
             except Exception as e:  # noqa: BLE001
                 log.error("publishing the adapter failed:\n%s", traceback.format_exc())
-                self._finish(job, status, f"Training ended but the adapter could not be added to the gallery: {e}")
+                self._finish(
+                    job, status, f"Training ended but the adapter could not be added to the gallery: {e}"
+                )
                 return
         with self._lock:
             job.adapter_dir = str(adapter_dir) if adapter_dir else None
@@ -285,7 +297,9 @@ class JobRunner:
                 f" as {name}." if name else "."
             )
         else:
-            message = f"Finished {job.step} steps" + (f": the adapter {name} is ready in Generate." if name else ".")
+            message = f"Finished {job.step} steps" + (
+                f": the adapter {name} is ready in Generate." if name else "."
+            )
         self._finish(job, status, message)
 
     def _finish(self, job: _Job, state: str, message: str) -> None:

@@ -16,6 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from trainer_core.config import MIXED_PRECISIONS, SUBJECT_TYPES
+from trainer_core.events import Progress
 
 from . import api
 from .api import friendly
@@ -242,15 +243,21 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
             with gr.Column(scale=1):
                 subject = gr.Radio(list(SUBJECT_TYPES), value="person", label="Subject type")
                 with gr.Row():
-                    token = gr.Textbox("sks", label="Trigger token", info="A rare word that will mean your subject.")
+                    token = gr.Textbox(
+                        "sks", label="Trigger token", info="A rare word that will mean your subject."
+                    )
                     noun = gr.Textbox("person", label="Class noun", info="What it is: person, dog, mug…")
                 with gr.Row():
                     crop = gr.Dropdown(list(CROP_MODES), value="auto", label="Crop")
                     caption = gr.Dropdown(list(CAPTIONERS), value="template", label="Captions")
-                name = gr.Textbox("", label="Photo set name", placeholder="default: token-class, e.g. sks-person")
+                name = gr.Textbox(
+                    "", label="Photo set name", placeholder="default: token-class, e.g. sks-person"
+                )
                 prepare = gr.Button("Prepare photos", variant="primary", elem_id="prepare-btn")
         summary = gr.Markdown(elem_id="prep-summary")
-        prepared = gr.Gallery(label="Prepared photos (square crops)", columns=6, height="auto", elem_id="prepared")
+        prepared = gr.Gallery(
+            label="Prepared photos (square crops)", columns=6, height="auto", elem_id="prepared"
+        )
         captions = gr.Dataframe(
             headers=["photo", "caption", "warnings"],
             datatype=["str", "str", "str"],
@@ -277,11 +284,15 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
         return text, gallery, table or None, bad or None, report["dataset"]
 
     @friendly
-    def on_prepare(paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()):
-        progress(0, desc="Checking and cropping photos")
+    def on_prepare(paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()):  # noqa: B008
+        def emit(event):
+            if isinstance(event, Progress) and event.total:
+                label = "Writing captions" if event.stage == "caption" else "Checking and cropping photos"
+                progress((event.current, event.total), desc=label)
+
         report = studio.prepare_photos(
             paths or [], set_name, token=tok.strip(), class_noun=cls.strip(), crop=crop_mode, caption=captioner,
-            base_model=base,
+            base_model=base, emit=emit,
         )  # fmt: skip
         return render(report)
 
@@ -296,7 +307,9 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
         return gr.skip()
 
     outputs = [summary, prepared, captions, rejected, dataset_state]
-    prepare.click(on_prepare, [files, token, noun, crop, caption, name, base_model], outputs, api_visibility="private")
+    prepare.click(
+        on_prepare, [files, token, noun, crop, caption, name, base_model], outputs, api_visibility="private"
+    )
     captions.input(on_caption_edit, [captions, dataset_state], None, api_visibility="private")
     return {"subject": subject, "token": token, "noun": noun, "dataset_state": dataset_state}
 
@@ -304,7 +317,9 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
 def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     with gr.Tab("2 · Train", id="train"):
         with gr.Row():
-            dataset = gr.Dropdown([], label="Photo set", info="Prepared in the Photos tab.", scale=2, elem_id="dataset")
+            dataset = gr.Dropdown(
+                [], label="Photo set", info="Prepared in the Photos tab.", scale=2, elem_id="dataset"
+            )
             adapter_name = gr.Textbox("", label="Adapter name", placeholder="default: token-class", scale=2)
         plan = gr.Markdown(elem_id="plan")
         with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
@@ -316,7 +331,9 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
             with gr.Row():
                 prior = gr.Checkbox(label="Prior preservation")
                 class_prompt = gr.Textbox(label="Class prompt")
-                num_class = gr.Number(label="Class images", precision=0, minimum=1, elem_id="adv-class-images")
+                num_class = gr.Number(
+                    label="Class images", precision=0, minimum=1, elem_id="adv-class-images"
+                )
                 prior_weight = gr.Number(label="Prior loss weight")
             with gr.Row():
                 resolution = gr.Number(label="Resolution (empty: the model's)", precision=0)
@@ -327,7 +344,9 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
                 text_encoder = gr.Checkbox(label="Train the text encoder too")
                 validation_prompt = gr.Textbox(label="Validation prompt (empty: the instance prompt)")
                 validation_steps = gr.Number(
-                    label="Validation every N steps (0: at the end)", precision=0, elem_id="adv-validation-steps"
+                    label="Validation every N steps (0: at the end)",
+                    precision=0,
+                    elem_id="adv-validation-steps",
                 )
                 checkpoint_steps = gr.Number(label="Checkpoint every N steps", precision=0)
         with gr.Row():
@@ -397,7 +416,9 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     for trigger in (dataset.change, photos["subject"].change, base_model.change):
         trigger(on_plan, plan_inputs, [plan, *advanced], api_visibility="private")
     photos["dataset_state"].change(
-        lambda ds: gr.Dropdown(choices=studio.list_datasets(), value=ds or None), photos["dataset_state"], dataset
+        lambda ds: gr.Dropdown(choices=studio.list_datasets(), value=ds or None),
+        photos["dataset_state"],
+        dataset,
     )
 
     def render(snap):
@@ -460,35 +481,38 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
 
 
 def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
-    with gr.Tab("3 · Generate", id="generate"):
-        with gr.Row():
-            with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Your subjects (click one)", columns=3, height=240, allow_preview=False)
-                adapter = gr.Dropdown([], label="Adapter", elem_id="adapter-pick")
-                weight = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Adapter weight")
-                with gr.Accordion("Blend a second adapter", open=False):
-                    second = gr.Dropdown([""], value="", label="Second adapter")
-                    second_weight = gr.Slider(0, 1.5, value=0.5, step=0.05, label="Second adapter weight")
-            with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", value="blurry, low quality")
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
-                    guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
-                    seed = gr.Number(0, label="Seed", precision=0)
-                with gr.Row():
-                    width = gr.Number(0, label="Width (0: the model's)", precision=0, minimum=0)
-                    height = gr.Number(0, label="Height (0: the model's)", precision=0, minimum=0)
-                    count = gr.Slider(1, 4, value=1, step=1, label="Images")
-                with gr.Row():
-                    go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                    compare = gr.Button("Compare with / without the token", elem_id="compare-btn")
-                images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="images")
+    with gr.Tab("3 · Generate", id="generate"), gr.Row():
+        with gr.Column(scale=1):
+            gallery = gr.Gallery(
+                label="Your subjects (click one)", columns=3, height=240, allow_preview=False
+            )
+            adapter = gr.Dropdown([], label="Adapter", elem_id="adapter-pick")
+            weight = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Adapter weight")
+            with gr.Accordion("Blend a second adapter", open=False):
+                second = gr.Dropdown([""], value="", label="Second adapter")
+                second_weight = gr.Slider(0, 1.5, value=0.5, step=0.05, label="Second adapter weight")
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            negative = gr.Textbox(label="Negative prompt", value="blurry, low quality")
+            with gr.Row():
+                steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                seed = gr.Number(0, label="Seed", precision=0)
+            with gr.Row():
+                width = gr.Number(0, label="Width (0: the model's)", precision=0, minimum=0)
+                height = gr.Number(0, label="Height (0: the model's)", precision=0, minimum=0)
+                count = gr.Slider(1, 4, value=1, step=1, label="Images")
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                compare = gr.Button("Compare with / without the token", elem_id="compare-btn")
+            images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="images")
 
     listing: dict[str, dict[str, Any]] = {}
 
     def on_pick_thumb(evt: gr.SelectData):
-        return gr.Dropdown(value=evt.value["caption"]) if evt.value and evt.value.get("caption") else gr.skip()
+        return (
+            gr.Dropdown(value=evt.value["caption"]) if evt.value and evt.value.get("caption") else gr.skip()
+        )
 
     @friendly
     def on_adapter(name):
@@ -526,27 +550,26 @@ def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
 
 
 def _gallery_tab(studio: Studio) -> dict[str, Any]:
-    with gr.Tab("4 · Gallery", id="gallery"):
-        with gr.Row():
-            with gr.Column(scale=1):
-                adapter = gr.Dropdown([], label="Adapter", elem_id="gallery-pick")
-                details = gr.Markdown(elem_id="gallery-details")
-                with gr.Row():
-                    new_name = gr.Textbox(label="New name", scale=2)
-                    rename = gr.Button("Rename", scale=1)
-                delete = gr.Button("Delete (restorable)", variant="stop")
-                with gr.Row():
-                    deleted = gr.Dropdown([], label="Deleted adapters", scale=2)
-                    restore = gr.Button("Restore", scale=1)
-            with gr.Column(scale=2):
-                samples = gr.Gallery(label="Samples", columns=3, height=260)
-                files = gr.File(label="Download (diffusers weights, A1111/ComfyUI file, zip of everything)")
-                with gr.Accordion("Push to the Hugging Face Hub", open=False):
-                    repo = gr.Textbox(label="Repository", placeholder="your-name/sks-dog-lora")
-                    hf_token = gr.Textbox(label="Access token (write)", type="password")
-                    private = gr.Checkbox(True, label="Private repository")
-                    push = gr.Button("Push")
-                    pushed = gr.Markdown()
+    with gr.Tab("4 · Gallery", id="gallery"), gr.Row():
+        with gr.Column(scale=1):
+            adapter = gr.Dropdown([], label="Adapter", elem_id="gallery-pick")
+            details = gr.Markdown(elem_id="gallery-details")
+            with gr.Row():
+                new_name = gr.Textbox(label="New name", scale=2)
+                rename = gr.Button("Rename", scale=1)
+            delete = gr.Button("Delete (restorable)", variant="stop")
+            with gr.Row():
+                deleted = gr.Dropdown([], label="Deleted adapters", scale=2)
+                restore = gr.Button("Restore", scale=1)
+        with gr.Column(scale=2):
+            samples = gr.Gallery(label="Samples", columns=3, height=260)
+            files = gr.File(label="Download (diffusers weights, A1111/ComfyUI file, zip of everything)")
+            with gr.Accordion("Push to the Hugging Face Hub", open=False):
+                repo = gr.Textbox(label="Repository", placeholder="your-name/sks-dog-lora")
+                hf_token = gr.Textbox(label="Access token (write)", type="password")
+                private = gr.Checkbox(True, label="Private repository")
+                push = gr.Button("Push")
+                pushed = gr.Markdown()
 
     def show(name):
         adapters = {a["name"]: a for a in studio.list_adapters()}
@@ -620,7 +643,9 @@ def _runs_tab(studio: Studio) -> dict[str, Any]:
             refresh = gr.Button("Refresh", scale=0, min_width=120)
             gr.Markdown("Every training run, newest first. Tick two or more to overlay their losses and "
                         "see their validation images side by side.")  # fmt: skip
-        table = gr.Dataframe(headers=[label for _, label in RUN_COLUMNS], interactive=False, elem_id="runs-table")
+        table = gr.Dataframe(
+            headers=[label for _, label in RUN_COLUMNS], interactive=False, elem_id="runs-table"
+        )
         selected = gr.CheckboxGroup([], label="Compare runs", elem_id="runs-compare")
         with gr.Row():
             loss = gr.Radio(list(LOSS_KEYS), value="total", label="Loss")

@@ -21,7 +21,6 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +66,25 @@ class Studio:
         base_model: str = "tiny-sd15",
         train_fn=None,
         device: str | None = None,
+        deployment=None,
+        hub_client=None,
     ) -> None:
+        from .space import detect
+
         self.data_dir = Path(data_dir).resolve()
         self.base_model = base_model
         self.device = device
+        # Where the app runs (Space or not, ZeroGPU, the HF_TOKEN secret); local and token-free
+        # unless given. `hub_client` replaces huggingface_hub.HfApi for the automatic push (tests).
+        self.deployment = deployment or detect(env={}, data_dir=str(self.data_dir))
+        self.hub_client = hub_client
         for sub in ("uploads", "datasets", "runs", "adapters", "outputs"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self.runner = JobRunner(
-            self.data_dir / "runs", train_fn=train_fn, on_done=self._publish, before_start=self._free_generator
+            self.data_dir / "runs",
+            train_fn=train_fn,
+            on_done=self._publish,
+            before_start=self._free_generator,
         )
         self.recovered = self.runner.recover()
         self._store = None
@@ -157,6 +167,7 @@ class Studio:
         caption: str = "template",
         resolution: int | None = None,
         base_model: str | None = None,
+        emit=None,
     ) -> dict[str, Any]:
         """Check, crop and caption photos into datasets/<name>, at the base model's training resolution."""
         from trainer_core.planning import native_resolution
@@ -169,7 +180,9 @@ class Studio:
         name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
         uploads = self.save_uploads(files)
         try:
-            options = PrepOptions(resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun)
+            options = PrepOptions(
+                resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun
+            )
         except ValueError as e:
             raise UserError(_sentence(str(e))) from e
         out = self.datasets_dir / name
@@ -178,7 +191,7 @@ class Studio:
             # Adding to an existing set: its kept originals go through again with the new photos,
             # so earlier photos are never dropped (the set is rebuilt beside and swapped in whole).
             inputs.insert(0, out / ORIGINALS_DIR)
-        report = _engine_call(prepare_photos, inputs, out, options)
+        report = _engine_call(prepare_photos, inputs, out, options, **({"emit": emit} if emit else {}))
         result = report_dict(report)
         result["dataset"] = name
         result["token"] = token
@@ -246,6 +259,9 @@ class Studio:
         return estimate_training(config, self.runs_dir).text()
 
     def start_training(self, config: TrainConfig) -> dict[str, Any]:
+        refusal = self.deployment.training_refusal
+        if refusal:
+            raise UserError(refusal)
         run_id = time.strftime("%Y%m%d-%H%M%S-") + safe_name(config.adapter_name or "run", "adapter name")
         try:
             self.runner.start(config, run_id)
@@ -287,8 +303,27 @@ class Studio:
         from trainer_core.fileio import atomic_write_json
 
         info = self.store.add(result.adapter_dir)
-        atomic_write_json(run_dir / PUBLISHED, {"adapter": info.name})
+        published: dict[str, Any] = {"adapter": info.name}
+        repo_id = self._auto_push(info.name)
+        if repo_id:
+            published["hub_repo"] = repo_id
+        atomic_write_json(run_dir / PUBLISHED, published)
         return info.name
+
+    def _auto_push(self, name: str) -> str | None:
+        """On a Space with the HF_TOKEN secret: keep a finished adapter in a private Hub repository
+        (the Space's disk may be wiped on restart). A failed push is logged; the adapter stays here."""
+        d = self.deployment
+        if not (d.on_space and d.hub_token and d.owner):
+            return None
+        repo_id = f"{d.owner}/{name}"
+        try:
+            self.store.push_to_hub(name, repo_id, token=d.hub_token, private=True, client=self.hub_client)
+        except Exception as e:  # noqa: BLE001 - the store's sentence has the token masked
+            log.warning("automatic push of %s to %s failed: %s", name, repo_id, e)
+            return None
+        log.info("pushed adapter %s to the private Hub repository %s", name, repo_id)
+        return repo_id
 
     # -- run history -----------------------------------------------------------------------------
 
@@ -328,7 +363,9 @@ class Studio:
             self.store.get(name)
             return name
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"The run {run_id} has no adapter in the gallery (not finished, or deleted).") from e
+            raise UserError(
+                f"The run {run_id} has no adapter in the gallery (not finished, or deleted)."
+            ) from e
 
     def delete_run(self, run_id: str) -> None:
         from trainer_core.runs import delete_run

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         class_noun=args.class_noun,
         api_name="/prepare_photos",
     )
-    print(f"prepared {len(report['accepted'])} photos ({len(report['rejected'])} not used) as {report['dataset']}")
+    print(
+        f"prepared {len(report['accepted'])} photos ({len(report['rejected'])} not used) as {report['dataset']}"
+    )
     client.predict(
         dataset=report["dataset"],
         subject_type=args.subject_type,

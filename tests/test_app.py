@@ -8,10 +8,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from PIL import Image
-
 from app_helpers import FAST, launch_app
 from conftest import write_photos
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,9 @@ def test_whole_flow_over_http(app_client, tmp_path):
     assert [a["name"] for a in adapters] == [name]
     assert adapters[0]["token"] == "sks" and adapters[0]["steps"] == 6
 
-    image_path = client.predict(prompt="a photo of sks dog", adapter=name, steps=2, seed=3, api_name="/generate")
+    image_path = client.predict(
+        prompt="a photo of sks dog", adapter=name, steps=2, seed=3, api_name="/generate"
+    )
     with Image.open(image_path) as im:
         assert im.size[0] > 0 and im.mode == "RGB"
     again = client.predict(prompt="a photo of sks dog", adapter=name, steps=2, seed=3, api_name="/generate")

@@ -93,10 +93,14 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
     try:
         d = browser
         d.get(url)
-        upload = wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload")
+        upload = wait_until(
+            lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload"
+        )
         photos = sorted(write_photos(tmp_path / "photos", n=4, size=(160, 120)).glob("*.jpg"))
         upload.send_keys("\n".join(str(p) for p in photos))
-        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads")
+        wait_until(
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads"
+        )
         d.find_element(By.ID, "prepare-btn").click()
         wait_until(lambda: "4 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 30, "prepared images")
@@ -114,14 +118,22 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(lambda: studio.training_status()["state"] == "running", 30, "job running")
         # The plot is redrawn from the timer: it gains points while the job runs.
         wait_until(lambda: studio.training_status()["step"] >= 4, 240, "4 steps")
-        wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#loss-plot canvas, #loss-plot svg"), 30, "loss plot drawn")
+        wait_until(
+            lambda: d.find_elements(By.CSS_SELECTOR, "#loss-plot canvas, #loss-plot svg"),
+            30,
+            "loss plot drawn",
+        )
         wait_until(lambda: "Training" in d.find_element(By.ID, "status-line").text, 30, "status line")
         wait_until(lambda: studio.training_status()["state"] in ("finished", "failed"), 240, "job done")
         assert studio.training_status()["state"] == "finished", studio.training_status()["message"]
         wait_until(lambda: "Finished" in d.find_element(By.ID, "status-line").text, 30, "finished shown")
-        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 30, "validation images")
+        wait_until(
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 30, "validation images"
+        )
         # Four drawn lines: instance loss, prior loss, total and smoothed total.
-        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4, 30, "4 lines")
+        wait_until(
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4, 30, "4 lines"
+        )
         metrics_points = len(studio.training_status()["metrics"])
         assert metrics_points == 12
         screenshot(d, shots / "2-train.png")
@@ -130,7 +142,11 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         name = studio.training_status()["adapter_name"]
         wait_until(lambda: name in d.find_element(By.ID, "adapter-pick").text or
                    d.find_element(By.CSS_SELECTOR, "#adapter-pick input").get_attribute("value") == name, 30, "adapter offered")  # fmt: skip
-        wait_until(lambda: "sks" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"), 30, "prompt")
+        wait_until(
+            lambda: "sks" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"),
+            30,
+            "prompt",
+        )
         d.find_element(By.ID, "generate-btn").click()
         wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
         screenshot(d, shots / "3-generate.png")
@@ -141,11 +157,15 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         click_tab(d, "Runs")
         run_id = studio.training_status()["run_id"]
         box = wait_until(
-            lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#runs-compare label") if run_id in b.text], 30, "run"
+            lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#runs-compare label") if run_id in b.text],
+            30,
+            "run",
         )
         box[0].click()
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#runs-images img")) >= 2, 30, "run samples")
-        wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 30, "runs plot line")
+        wait_until(
+            lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 30, "runs plot line"
+        )
         screenshot(d, shots / "5-runs.png")
         for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000

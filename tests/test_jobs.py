@@ -69,13 +69,17 @@ def wait_for(predicate, timeout=20.0):
 
 
 def config():
-    return TrainConfig(instance_dir="x", instance_prompt="a photo of sks dog", output_dir="unused", max_train_steps=5)
+    return TrainConfig(
+        instance_dir="x", instance_prompt="a photo of sks dog", output_dir="unused", max_train_steps=5
+    )
 
 
 def test_runs_to_finished_with_metrics_eta_and_publish(tmp_path):
     trainer = ScriptedTrainer(steps=5)
     published = []
-    runner = JobRunner(tmp_path / "runs", train_fn=trainer, on_done=lambda run, res: published.append(run) or "sks-dog")
+    runner = JobRunner(
+        tmp_path / "runs", train_fn=trainer, on_done=lambda run, res: published.append(run) or "sks-dog"
+    )
     assert runner.snapshot()["state"] == "idle"
     runner.start(config(), "run1")
     assert trainer.configs == [] or trainer.configs[0].output_dir == str(tmp_path / "runs" / "run1")
@@ -116,7 +120,9 @@ def test_second_start_is_refused_and_stop_saves(tmp_path):
 
 
 def test_failures_become_one_sentence(tmp_path):
-    trainer = ScriptedTrainer(steps=5, fail_at=2, error=TrainingError("The loss became NaN at step 2; lower the learning rate."))
+    trainer = ScriptedTrainer(
+        steps=5, fail_at=2, error=TrainingError("The loss became NaN at step 2; lower the learning rate.")
+    )
     runner = JobRunner(tmp_path / "runs", train_fn=trainer)
     runner.start(config(), "run1")
     trainer.release(2)
@@ -140,7 +146,10 @@ def _left_running(run_dir: Path, step: int, with_checkpoint: bool) -> None:
     config().save(run_dir / "config.json")
     (run_dir / "status.json").write_text(json.dumps({"status": "running", "step": step, "total_steps": 5}))
     (run_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 1.0, "instance_loss": 0.5, "prior_loss": 0.5}) + "\n" for s in range(1, step + 1))
+        "".join(
+            json.dumps({"step": s, "loss": 1.0, "instance_loss": 0.5, "prior_loss": 0.5}) + "\n"
+            for s in range(1, step + 1)
+        )
     )
     if with_checkpoint:
         ckpt = run_dir / "checkpoints" / "checkpoint-2"

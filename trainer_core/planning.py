@@ -53,32 +53,37 @@ def check_base_model(base_model: str) -> str:
     return f"{name} will be downloaded from the Hugging Face Hub on first use (several GB)."
 
 
-def guess_architecture(base_model: str) -> str | None:
-    """"sd15", "sdxl" or None, from the name or the UNet config on disk (cache included)."""
+def _unet_config(base_model: str) -> dict | None:
+    """The UNet's config.json of a local diffusers folder or a cached Hub model, without loading it."""
     name = (base_model or "").strip()
-    if name.startswith("tiny-"):
-        return name.removeprefix("tiny-")
-    config_file = None
     path = Path(name).expanduser()
+    config_file = None
     if path.is_dir():
         config_file = path / "unet" / "config.json"
-    elif path.suffix == ".safetensors":
-        return "sdxl" if "xl" in path.name.lower() else None
-    else:
+    elif path.suffix != ".safetensors" and not name.startswith((".", "/", "~")):
         try:
             from huggingface_hub import try_to_load_from_cache
 
             cached = try_to_load_from_cache(name, "unet/config.json")
             config_file = Path(cached) if isinstance(cached, str) else None
-        except ValueError:
+        except ValueError:  # not a valid repo id
             config_file = None
-    if config_file and config_file.is_file():
-        try:
-            dim = json.loads(config_file.read_text()).get("cross_attention_dim")
-        except (OSError, ValueError):
-            dim = None
-        return "sdxl" if dim == 2048 else "sd15" if dim == 768 else None
-    return "sdxl" if "xl" in name.lower() else None
+    try:
+        return json.loads(config_file.read_text()) if config_file else None
+    except (OSError, ValueError):
+        return None
+
+
+def guess_architecture(base_model: str) -> str | None:
+    """ "sd15", "sdxl" or None, from the name or the UNet config on disk (cache included)."""
+    name = (base_model or "").strip()
+    if name.startswith("tiny-"):
+        return name.removeprefix("tiny-")
+    config = _unet_config(name)
+    if config is not None:
+        # SDXL's UNet takes pooled text embeddings and time ids ("text_time"); SD 1.5's does not.
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+    return "sdxl" if "xl" in Path(name).name.lower() else None
 
 
 def native_resolution(base_model: str) -> int:
@@ -90,6 +95,9 @@ def native_resolution(base_model: str) -> int:
         return TINY_SD15.resolution
     if name == "tiny-sdxl":
         return TINY_SDXL.resolution
+    config = _unet_config(name)
+    if config and config.get("sample_size"):
+        return int(config["sample_size"]) * 8  # latents are 1/8 of the pixels (the VAE's 3 downsamples)
     return SDXLShape().resolution if guess_architecture(name) == "sdxl" else SD15Shape().resolution
 
 
@@ -105,7 +113,11 @@ class Estimate:
             parts.append(f"model weights take about {self.weights_gb:.1f} GB of memory, plus activations")
         if self.seconds is not None:
             minutes = self.seconds / 60
-            parts.append(f"about {minutes:.0f} min of training" if minutes >= 1 else f"about {self.seconds:.0f} s of training")
+            parts.append(
+                f"about {minutes:.0f} min of training"
+                if minutes >= 1
+                else f"about {self.seconds:.0f} s of training"
+            )
         head = "; ".join(parts) if parts else "no estimate yet"
         return f"Estimate: {head} ({self.basis})."
 
