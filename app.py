@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its persistent storage /data, else ./data).",
     )
     p.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD[,USER:PASSWORD]",
+        help="Require login with these accounts; each user gets their own photos, runs and adapters "
+        "(default: $DREAMBOOTH_STUDIO_AUTH; on a Space, Hugging Face login is required anyway).",
+    )
+    p.add_argument(
         "--base-model",
         default="tiny-sd15",
         help="Default base model: a Hub id, a local diffusers folder, a .safetensors file, or tiny-sd15 (offline test model).",
@@ -44,28 +51,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dreambooth_ui.access import AccessPolicy, TokenUsers, parse_auth
     from dreambooth_ui.layout import build_app
     from dreambooth_ui.space import detect
-    from dreambooth_ui.studio import Studio
+    from dreambooth_ui.studio import Studios
 
+    try:
+        auth = parse_auth(args.auth or os.environ.get("DREAMBOOTH_STUDIO_AUTH"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     deployment = detect(data_dir=args.data_dir)
+    policy = AccessPolicy.from_env(deployment, auth)
     logging.getLogger("app").info(
         "data folder %s (%s)%s", deployment.data_dir, "persistent" if deployment.persistent else "ephemeral",
         f", Space {deployment.space_id}" if deployment.on_space else "",
     )  # fmt: skip
-    studio = Studio(deployment.data_dir, base_model=args.base_model, deployment=deployment)
-    demo = build_app(studio, banner=deployment.banner)
-    demo.launch(server_name=args.host, server_port=args.port, **launch_options(studio))
+    studios = Studios(
+        deployment.data_dir,
+        policy=policy,
+        token_users=TokenUsers() if deployment.on_space else None,
+        base_model=args.base_model,
+        deployment=deployment,
+    )
+    demo = build_app(studios, banner=deployment.banner)
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth or None, **launch_options(studios))
     return 0
 
 
-def launch_options(studio) -> dict:
-    """Safe serving defaults, shared with the tests that launch the app."""
+def launch_options(studios) -> dict:
+    """Safe serving defaults, shared with the tests that launch the app (a Studio or Studios)."""
     from dreambooth_ui.layout import CSS
 
     return dict(
         max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(studio.data_dir)],  # only the data folder is served
+        allowed_paths=[str(studios.data_dir)],  # only the data folder is served
         enable_monitoring=False,
         show_error=False,  # unexpected errors are logged; the page shows one sentence
         theme="soft",

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import FileData
 
-from .studio import Studio, UserError
+from .studio import Studios, UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,12 @@ def _path_of(item: Any) -> str:
     return getattr(item, "path", None) or str(item)
 
 
-def register(studio: Studio) -> None:
-    """Register the API endpoints on the Blocks being built."""
+def register(studios: Studios) -> None:
+    """Register the API endpoints on the Blocks being built. Each call acts for the logged-in user
+    (gradio_client: `Client(url, auth=(user, password))`, or `token=` on a Space)."""
 
     def prepare_photos(
+        request: gr.Request,
         photos: list[FileData],
         token: str = "sks",
         class_noun: str = "person",
@@ -60,7 +62,7 @@ def register(studio: Studio) -> None:
     ) -> dict:
         """Validate, crop and caption photos into a named photo set (added to it if it exists), at the
         base model's training resolution; returns the preparation report."""
-        return studio.prepare_photos(
+        return studios.get(request).prepare_photos(
             [_path_of(p) for p in photos or []],
             dataset,
             token=token,
@@ -71,6 +73,7 @@ def register(studio: Studio) -> None:
         )
 
     def start_training(
+        request: gr.Request,
         dataset: str,
         subject_type: str = "person",
         token: str = "sks",
@@ -84,6 +87,7 @@ def register(studio: Studio) -> None:
         `settings` overrides TrainConfig fields by name (e.g. {"max_train_steps": 200}).
         Returns the job snapshot; a second start while one runs is refused.
         """
+        studio = studios.get(request)
         config = studio.plan_training(
             dataset,
             subject_type=subject_type,
@@ -95,19 +99,20 @@ def register(studio: Studio) -> None:
         )
         return studio.start_training(config)
 
-    def training_status() -> dict:
+    def training_status(request: gr.Request) -> dict:
         """The current (or last) job: state, stage, step, losses so far, samples, adapter name."""
-        return studio.training_status()
+        return studios.get(request).training_status()
 
-    def stop_training() -> dict:
+    def stop_training(request: gr.Request) -> dict:
         """Ask the running job to stop; it saves a checkpoint and a usable adapter first."""
-        return studio.stop_training()
+        return studios.get(request).stop_training()
 
-    def list_adapters() -> list[dict]:
+    def list_adapters(request: gr.Request) -> list[dict]:
         """Every adapter in the gallery with its metadata, newest first."""
-        return studio.list_adapters()
+        return studios.get(request).list_adapters()
 
     def generate(
+        request: gr.Request,
         prompt: str,
         adapter: str = "",
         adapter_weight: float = 1.0,
@@ -120,7 +125,7 @@ def register(studio: Studio) -> None:
         base_model: str = "",
     ) -> FileData:
         """One image for the prompt, with the named adapter (or the plain base model)."""
-        paths = studio.generate(
+        paths = studios.get(request).generate(
             prompt,
             adapter=adapter or None,
             adapter_weight=adapter_weight,

@@ -86,12 +86,16 @@ class JobRunner:
         train_fn: TrainFn | None = None,
         on_done: Callable[[Path, Any], str | None] | None = None,
         before_start: Callable[[], None] | None = None,
+        gpu_slot: threading.Lock | None = None,
     ) -> None:
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._train_fn = train_fn
         self._on_done = on_done
         self._before_start = before_start
+        # Shared by every user's runner: one training on the GPU at a time.
+        self._gpu = gpu_slot or threading.Lock()
+        self._gpu_held = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,21 +105,31 @@ class JobRunner:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """A job is training or stopping (the thread may live a moment longer, saving nothing)."""
+        job = self._job
+        return job is not None and job.state in ("running", "stopping") and self._thread is not None
 
     def start(self, config: TrainConfig, run_id: str) -> str:
         """Start training `config` in run folder `runs_dir/run_id`; JobBusy if a job runs."""
         with self._lock:
             if self.running:
                 raise JobBusy("A training job is already running; stop it or wait for it to finish.")
+            if not self._gpu.acquire(blocking=False):
+                raise JobBusy("Another training job is using the GPU; try again when it has finished.")
+            self._gpu_held = True
             run_dir = self.runs_dir / run_id
             config = replace(config, output_dir=str(run_dir))
             self._stop.clear()
-            self._job = _Job(run_id, run_dir, config, total_steps=config.max_train_steps)
-            if self._before_start:
-                self._before_start()
-            self._thread = threading.Thread(target=self._run, name=f"train-{run_id}", daemon=True)
-            self._thread.start()
+            try:
+                self._job = _Job(run_id, run_dir, config, total_steps=config.max_train_steps)
+                if self._before_start:
+                    self._before_start()
+                self._thread = threading.Thread(target=self._run, name=f"train-{run_id}", daemon=True)
+                self._thread.start()
+            except BaseException:
+                self._gpu_held = False
+                self._gpu.release()
+                raise
             return run_id
 
     def resume(self, run_id: str) -> str:
@@ -259,6 +273,18 @@ class JobRunner:
                 job.message = event.message
 
     def _run(self) -> None:
+        try:
+            self._run_job()
+        finally:
+            self._release_gpu()
+
+    def _release_gpu(self) -> None:
+        with self._lock:
+            if self._gpu_held:
+                self._gpu_held = False
+                self._gpu.release()
+
+    def _run_job(self) -> None:
         job = self._job
         assert job is not None
         train_fn = self._train_fn
@@ -303,6 +329,8 @@ class JobRunner:
         self._finish(job, status, message)
 
     def _finish(self, job: _Job, state: str, message: str) -> None:
+        # The GPU is free before anyone can see the job as ended (a generate right after "finished").
+        self._release_gpu()
         with self._lock:
             job.state = state
             job.message = message

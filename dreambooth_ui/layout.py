@@ -20,7 +20,7 @@ from trainer_core.events import Progress
 
 from . import api
 from .api import friendly
-from .studio import CAPTIONERS, CROP_MODES, Studio, UserError
+from .studio import CAPTIONERS, CROP_MODES, Studio, Studios, UserError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,11 @@ def adapter_markdown(a: dict[str, Any] | None) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
+def build_app(studios: Studios | Studio, *, banner: str | None = None) -> gr.Blocks:
+    """The page over `studios` (one Studio per user when login is required; a lone Studio is wrapped)."""
+    if isinstance(studios, Studio):
+        studios = Studios.wrap(studios)
+    defaults = studios.defaults
     with gr.Blocks(title="DreamBooth Studio") as demo:
         gr.Markdown(
             "# DreamBooth Studio\nTeach Stable Diffusion your subject from 5–20 photos: "
@@ -143,10 +147,12 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
         )
         if banner:
             gr.Markdown(banner, elem_id="banner")
+        if studios.policy.oauth:
+            gr.LoginButton()
         with gr.Row():
             base_model = gr.Dropdown(
-                studio.base_model_choices(),
-                value=studio.base_model,
+                defaults.base_model_choices(),
+                value=defaults.base_model,
                 label="Base model",
                 info="A Hub id, a local diffusers folder or a .safetensors file; tiny models are for trying the app offline.",
                 allow_custom_value=True,
@@ -154,16 +160,17 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
             )
             base_note = gr.Markdown(elem_id="base-note")
         with gr.Tabs() as tabs:
-            photos = _photos_tab(studio, base_model)
-            train = _train_tab(studio, base_model, photos)
-            generate = _generate_tab(studio, base_model)
-            gallery = _gallery_tab(studio)
-            runs = _runs_tab(studio)
+            photos = _photos_tab(studios, base_model)
+            train = _train_tab(studios, base_model, photos)
+            generate = _generate_tab(studios, base_model)
+            gallery = _gallery_tab(studios)
+            runs = _runs_tab(studios)
 
-        base_model.change(friendly(studio.base_model_note), base_model, base_note)
+        base_model.change(friendly(defaults.base_model_note), base_model, base_note)
 
         # Whatever happened before this page was opened (a job running, an app restart).
-        def on_load(base):
+        def on_load(request: gr.Request, base):
+            studio = studios.get(request)
             snap = studio.training_status()
             running = snap["state"] in ("running", "stopping")
             adapters = studio.list_adapters()
@@ -193,16 +200,21 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
                 gallery["adapter"],
             ],
         )
+
         # After training finishes, the new adapter is offered in Generate and the Gallery.
+        def refresh_pickers(request: gr.Request, name):
+            return _refresh_adapter_pickers(studios.get(request), name)
+
         train["finished"].change(
-            friendly(lambda name: _refresh_adapter_pickers(studio, name)),
+            friendly(refresh_pickers),
             train["finished"],
             [generate["gallery"], generate["adapter"], generate["second_adapter"], gallery["adapter"]],
         )
         train["go_generate"].click(lambda: gr.Tabs(selected="generate"), None, tabs)
 
         @friendly
-        def open_run_adapter(run_id):
+        def open_run_adapter(request: gr.Request, run_id):
+            studio = studios.get(request)
             if not run_id:
                 raise UserError("Pick a run first.")
             name = studio.run_adapter(run_id)
@@ -213,7 +225,7 @@ def build_app(studio: Studio, *, banner: str | None = None) -> gr.Blocks:
             runs["pick"],
             [generate["gallery"], generate["adapter"], generate["second_adapter"], gallery["adapter"], tabs],
         )
-        api.register(studio)
+        api.register(studios)
     demo.queue(default_concurrency_limit=4)
     return demo
 
@@ -230,7 +242,7 @@ def _refresh_adapter_pickers(studio: Studio, selected: str | None):
     )
 
 
-def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
+def _photos_tab(studios: Studios, base_model) -> dict[str, Any]:
     with gr.Tab("1 · Photos", id="photos"):
         with gr.Row():
             with gr.Column(scale=2):
@@ -284,7 +296,11 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
         return text, gallery, table or None, bad or None, report["dataset"]
 
     @friendly
-    def on_prepare(paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()):  # noqa: B008
+    def on_prepare(
+        request: gr.Request, paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()
+    ):  # noqa: B008
+        studio = studios.get(request)
+
         def emit(event):
             if isinstance(event, Progress) and event.total:
                 label = "Writing captions" if event.stage == "caption" else "Checking and cropping photos"
@@ -297,7 +313,8 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
         return render(report)
 
     @friendly
-    def on_caption_edit(table, dataset):
+    def on_caption_edit(request: gr.Request, table, dataset):
+        studio = studios.get(request)
         if not dataset or table is None:
             return gr.skip()
         current = {a["output"]: a["caption"] for a in studio.dataset_report(dataset)["accepted"]}
@@ -314,7 +331,7 @@ def _photos_tab(studio: Studio, base_model) -> dict[str, Any]:
     return {"subject": subject, "token": token, "noun": noun, "dataset_state": dataset_state}
 
 
-def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
+def _train_tab(studios: Studios, base_model, photos) -> dict[str, Any]:
     with gr.Tab("2 · Train", id="train"):
         with gr.Row():
             dataset = gr.Dropdown(
@@ -393,7 +410,8 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
         return out
 
     @friendly
-    def on_plan(ds, subject, tok, noun, base):
+    def on_plan(request: gr.Request, ds, subject, tok, noun, base):
+        studio = studios.get(request)
         if not ds:
             return ("Prepare photos first; the settings follow from the subject type and photo count.",
                     *[gr.skip()] * len(advanced))  # fmt: skip
@@ -415,8 +433,12 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     plan_inputs = [dataset, photos["subject"], photos["token"], photos["noun"], base_model]
     for trigger in (dataset.change, photos["subject"].change, base_model.change):
         trigger(on_plan, plan_inputs, [plan, *advanced], api_visibility="private")
+
+    def on_prepared(request: gr.Request, ds):
+        return gr.Dropdown(choices=studios.get(request).list_datasets(), value=ds or None)
+
     photos["dataset_state"].change(
-        lambda ds: gr.Dropdown(choices=studio.list_datasets(), value=ds or None),
+        friendly(on_prepared),
         photos["dataset_state"],
         dataset,
     )
@@ -438,7 +460,8 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     render_outputs = [status, plot, samples, resume, go_generate, finished]
 
     @friendly
-    def on_start(ds, subject, tok, noun, base, name, *values):
+    def on_start(request: gr.Request, ds, subject, tok, noun, base, name, *values):
+        studio = studios.get(request)
         if not ds:
             raise UserError("Prepare a photo set in the Photos tab first.")
         config = studio.plan_training(
@@ -449,19 +472,20 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
         return (*render(snap), gr.Timer(active=True))
 
     @friendly
-    def on_stop():
-        snap = studio.stop_training()
+    def on_stop(request: gr.Request):
+        snap = studios.get(request).stop_training()
         gr.Info(snap["message"])
         return (*render(snap), gr.Timer(active=snap["state"] in ("running", "stopping")))
 
     @friendly
-    def on_resume():
+    def on_resume(request: gr.Request):
+        studio = studios.get(request)
         run_id = studio.training_status().get("run_id")
         snap = studio.resume_training(run_id)
         return (*render(snap), gr.Timer(active=True))
 
-    def on_tick():
-        snap = studio.training_status()
+    def on_tick(request: gr.Request):
+        snap = studios.get(request).training_status()
         return (*render(snap), gr.Timer(active=snap["state"] in ("running", "stopping")))
 
     start.click(
@@ -480,7 +504,7 @@ def _train_tab(studio: Studio, base_model, photos) -> dict[str, Any]:
     }
 
 
-def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
+def _generate_tab(studios: Studios, base_model) -> dict[str, Any]:
     with gr.Tab("3 · Generate", id="generate"), gr.Row():
         with gr.Column(scale=1):
             gallery = gr.Gallery(
@@ -507,18 +531,15 @@ def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
                 compare = gr.Button("Compare with / without the token", elem_id="compare-btn")
             images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="images")
 
-    listing: dict[str, dict[str, Any]] = {}
-
     def on_pick_thumb(evt: gr.SelectData):
         return (
             gr.Dropdown(value=evt.value["caption"]) if evt.value and evt.value.get("caption") else gr.skip()
         )
 
     @friendly
-    def on_adapter(name):
-        listing.clear()
-        listing.update({a["name"]: a for a in studio.list_adapters()})
-        info = listing.get(name)
+    def on_adapter(request: gr.Request, name):
+        studio = studios.get(request)
+        info = {a["name"]: a for a in studio.list_adapters()}.get(name)
         return info["instance_prompt"] if info and info.get("instance_prompt") else gr.skip()
 
     def kwargs_from(name, w, second_name, w2, neg, n_steps, g, s, wd, ht, n):
@@ -528,13 +549,15 @@ def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
         )  # fmt: skip
 
     @friendly
-    def on_generate(text, name, *rest):
+    def on_generate(request: gr.Request, text, name, *rest):
+        studio = studios.get(request)
         paths = studio.generate(text, **kwargs_from(name, *rest))
         return [str(p) for p in paths]
 
     @friendly
-    def on_compare(text, name, *rest):
-        info = listing.get(name) or {}
+    def on_compare(request: gr.Request, text, name, *rest):
+        studio = studios.get(request)
+        info = {a["name"]: a for a in studio.list_adapters()}.get(name) or {}
         token = info.get("token") or ""
         if not token:
             raise UserError("Pick an adapter with a trigger token to compare with and without it.")
@@ -549,7 +572,7 @@ def _generate_tab(studio: Studio, base_model) -> dict[str, Any]:
     return {"gallery": gallery, "adapter": adapter, "second_adapter": second}
 
 
-def _gallery_tab(studio: Studio) -> dict[str, Any]:
+def _gallery_tab(studios: Studios) -> dict[str, Any]:
     with gr.Tab("4 · Gallery", id="gallery"), gr.Row():
         with gr.Column(scale=1):
             adapter = gr.Dropdown([], label="Adapter", elem_id="gallery-pick")
@@ -571,7 +594,7 @@ def _gallery_tab(studio: Studio) -> dict[str, Any]:
                 push = gr.Button("Push")
                 pushed = gr.Markdown()
 
-    def show(name):
+    def show(studio: Studio, name):
         adapters = {a["name"]: a for a in studio.list_adapters()}
         info = adapters.get(name)
         trash = [a["name"] for a in studio.deleted_adapters()]
@@ -582,40 +605,44 @@ def _gallery_tab(studio: Studio) -> dict[str, Any]:
         downloads = [str(p) for p in sorted(folder.glob("*.safetensors"))]
         return adapter_markdown(info), pics, downloads or None, gr.Dropdown(choices=trash, value=None)
 
-    def pickers(selected):
+    def pickers(studio: Studio, selected):
         names = adapter_choices(studio.list_adapters())
         value = selected if selected in names else (names[0] if names else None)
         return gr.Dropdown(choices=names, value=value)
 
     @friendly
-    def on_rename(name, new):
+    def on_rename(request: gr.Request, name, new):
+        studio = studios.get(request)
         info = studio.rename_adapter(name, new)
         gr.Info(f"Renamed to {info['name']}.")
-        return pickers(info["name"])
+        return pickers(studio, info["name"])
 
     @friendly
-    def on_delete(name):
+    def on_delete(request: gr.Request, name):
+        studio = studios.get(request)
         if not name:
             raise UserError("Select an adapter first.")
         studio.delete_adapter(name)
         gr.Info(f"{name} moved to the deleted adapters; Restore brings it back.")
-        return pickers(None)
+        return pickers(studio, None)
 
     @friendly
-    def on_restore(name):
+    def on_restore(request: gr.Request, name):
+        studio = studios.get(request)
         if not name:
             raise UserError("Select a deleted adapter to restore.")
         info = studio.restore_adapter(name)
-        return pickers(info["name"])
+        return pickers(studio, info["name"])
 
     @friendly
-    def on_push(name, repo_id, token, is_private):
-        url = studio.push_adapter(name, repo_id, token, private=is_private)
+    def on_push(request: gr.Request, name, repo_id, token, is_private):
+        url = studios.get(request).push_adapter(name, repo_id, token, private=is_private)
         return f"Pushed to [{url}]({url})."
 
     @friendly
-    def on_select(name):
-        out = show(name)
+    def on_select(request: gr.Request, name):
+        studio = studios.get(request)
+        out = show(studio, name)
         if name:
             zipped = studio.export_adapter(name)
             out = (*out[:2], [*(out[2] or []), str(zipped)], out[3])
@@ -637,7 +664,7 @@ RUN_COLUMNS = [
 LOSS_KEYS = {"total": "loss", "instance": "instance_loss", "prior": "prior_loss"}
 
 
-def _runs_tab(studio: Studio) -> dict[str, Any]:
+def _runs_tab(studios: Studios) -> dict[str, Any]:
     with gr.Tab("5 · Runs", id="runs") as tab:
         with gr.Row():
             refresh = gr.Button("Refresh", scale=0, min_width=120)
@@ -661,8 +688,8 @@ def _runs_tab(studio: Studio) -> dict[str, Any]:
             delete = gr.Button("Delete run", variant="stop", scale=1)
 
     @friendly
-    def on_refresh(chosen):
-        rows = studio.list_runs()
+    def on_refresh(request: gr.Request, chosen):
+        rows = studios.get(request).list_runs()
         ids = [r["run_id"] for r in rows]
         table_rows = [[_cell(r.get(key)) for key, _ in RUN_COLUMNS] for r in rows]
         keep = [c for c in (chosen or []) if c in ids]
@@ -673,7 +700,8 @@ def _runs_tab(studio: Studio) -> dict[str, Any]:
         )
 
     @friendly
-    def on_compare(chosen, which, at_step):
+    def on_compare(request: gr.Request, chosen, which, at_step):
+        studio = studios.get(request)
         chosen = chosen or []
         curves = studio.compare_runs(chosen, LOSS_KEYS[which]) if chosen else []
         frame = typed_frame(
@@ -687,10 +715,10 @@ def _runs_tab(studio: Studio) -> dict[str, Any]:
         return frame, gr.Dropdown(choices=steps, value=value), items
 
     @friendly
-    def on_delete(run_id):
+    def on_delete(request: gr.Request, run_id):
         if not run_id:
             raise UserError("Pick a run first.")
-        studio.delete_run(run_id)
+        studios.get(request).delete_run(run_id)
         gr.Info(f"Deleted the run {run_id}.")
 
     tab.select(on_refresh, selected, [table, selected, pick])

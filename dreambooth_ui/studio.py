@@ -58,6 +58,44 @@ def safe_name(name: str, what: str = "name") -> str:
     return cleaned
 
 
+def base_model_choices(default: str) -> list[tuple[str, str]]:
+    """(label, value) pairs for the base model picker; the default first when it is not listed."""
+    choices = [(label, key) for key, label in TINY_MODELS.items()]
+    choices += [(f"{label} ({key})", key) for key, label in HUB_MODELS.items()]
+    if default not in TINY_MODELS and default not in HUB_MODELS:
+        choices.insert(0, (default, default))
+    return choices
+
+
+def base_model_note(base_model: str) -> str:
+    """One line on whether `base_model` can be used here, without loading it."""
+    from trainer_core.planning import check_base_model
+
+    return check_base_model(base_model)
+
+
+class Shared:
+    """What all users of one app share: the GPU slot for training and the resident generator."""
+
+    def __init__(self) -> None:
+        self.gpu = threading.Lock()
+        self._generator = None
+        self._lock = threading.Lock()
+
+    def generator(self, device: str | None = None):
+        with self._lock:
+            if self._generator is None:
+                from trainer_core.inference import Generator
+
+                self._generator = Generator(device=device)
+            return self._generator
+
+    def free_generator(self) -> None:
+        with self._lock:
+            if self._generator is not None:
+                self._generator.unload_all()
+
+
 class Studio:
     def __init__(
         self,
@@ -68,10 +106,13 @@ class Studio:
         device: str | None = None,
         deployment=None,
         hub_client=None,
+        shared: Shared | None = None,
     ) -> None:
         from .space import detect
 
         self.data_dir = Path(data_dir).resolve()
+        # The one GPU: one training job at a time across all users, one resident generator.
+        self.shared = shared or Shared()
         self.base_model = base_model
         self.device = device
         # Where the app runs (Space or not, ZeroGPU, the HF_TOKEN secret); local and token-free
@@ -85,11 +126,10 @@ class Studio:
             train_fn=train_fn,
             on_done=self._publish,
             before_start=self._free_generator,
+            gpu_slot=self.shared.gpu,
         )
         self.recovered = self.runner.recover()
         self._store = None
-        self._generator = None
-        self._gen_lock = threading.Lock()
 
     # -- folders ---------------------------------------------------------------------------------
 
@@ -115,27 +155,15 @@ class Studio:
 
     @property
     def generator(self):
-        with self._gen_lock:
-            if self._generator is None:
-                from trainer_core.inference import Generator
-
-                self._generator = Generator(device=self.device)
-            return self._generator
+        return self.shared.generator(self.device)
 
     # -- base model ------------------------------------------------------------------------------
 
     def base_model_choices(self) -> list[tuple[str, str]]:
-        choices = [(label, key) for key, label in TINY_MODELS.items()]
-        choices += [(f"{label} ({key})", key) for key, label in HUB_MODELS.items()]
-        if self.base_model not in TINY_MODELS and self.base_model not in HUB_MODELS:
-            choices.insert(0, (self.base_model, self.base_model))
-        return choices
+        return base_model_choices(self.base_model)
 
     def base_model_note(self, base_model: str) -> str:
-        """One line on whether `base_model` can be used here, without loading it."""
-        from trainer_core.planning import check_base_model
-
-        return check_base_model(base_model)
+        return base_model_note(base_model)
 
     # -- photos ----------------------------------------------------------------------------------
 
@@ -291,9 +319,7 @@ class Studio:
         return snap
 
     def _free_generator(self) -> None:
-        with self._gen_lock:
-            if self._generator is not None:
-                self._generator.unload_all()
+        self.shared.free_generator()
 
     def _publish(self, run_dir: Path, result: Any) -> str | None:
         """Copy the finished (or stopped) run's adapter into the gallery; return its name there.
@@ -388,7 +414,7 @@ class Studio:
             raise UserError(f"There is no adapter called {name!r} in the gallery.") from e
 
     def _check_not_training(self) -> None:
-        if self.runner.running:
+        if self.shared.gpu.locked():  # held exactly while some user's training runs
             raise UserError("Training is using the GPU right now; generate when it finishes, or stop it.")
 
     def generate_request(
@@ -555,3 +581,78 @@ def adapter_dict(info) -> dict[str, Any]:
         "thumbnail": str(info.thumbnail) if info.thumbnail else None,
         "folder": str(info.path),
     }
+
+
+class Studios:
+    """One Studio per user under `<data>/users/<name>/` when login is required, else the single
+    local Studio on `<data>/`. All share the GPU slot and the generator."""
+
+    def __init__(self, data_dir: str | Path, *, policy=None, token_users=None, **studio_kwargs: Any) -> None:
+        from .access import AccessPolicy
+
+        self.data_dir = Path(data_dir).resolve()
+        self.policy = policy or AccessPolicy(required=False, allowed=None, oauth=False)
+        self.token_users = token_users
+        self.shared = Shared()
+        self._kwargs = studio_kwargs
+        self._studios: dict[str | None, Studio] = {}
+        self._lock = threading.Lock()
+        # Restart recovery for every user now, not at their next visit: no run stays "running".
+        if self.policy.required:
+            for folder in sorted((self.data_dir / "users").glob("*/runs")):
+                self.for_user(folder.parent.name)
+        else:
+            self.for_user(None)
+
+    def for_user(self, user: str | None) -> Studio:
+        key = None if user is None else safe_name(user, "user name")
+        with self._lock:
+            if key not in self._studios:
+                folder = self.data_dir if key is None else self.data_dir / "users" / key
+                self._studios[key] = Studio(folder, shared=self.shared, **self._kwargs)
+            return self._studios[key]
+
+    def get(self, request) -> Studio:
+        """The Studio of the user behind a Gradio request; UserError when they may not use the app."""
+        from .access import AccessDenied, request_user
+
+        try:
+            user = self.policy.check(request_user(request, self.token_users))
+        except AccessDenied as e:
+            raise UserError(str(e)) from e
+        return self.for_user(user)
+
+    @classmethod
+    def wrap(cls, studio: Studio) -> Studios:
+        """An app of one Studio (no login), e.g. one a script or a test built itself."""
+        from .access import AccessPolicy
+
+        obj = cls.__new__(cls)
+        obj.data_dir = studio.data_dir
+        obj.policy = AccessPolicy(required=False, allowed=None, oauth=False)
+        obj.token_users = None
+        obj.shared = studio.shared
+        obj._kwargs = {"base_model": studio.base_model}
+        obj._studios = {None: studio}
+        obj._lock = threading.Lock()
+        return obj
+
+    # What the page shows before knowing the user (the same for everyone).
+    @property
+    def base_model(self) -> str:
+        return self._kwargs.get("base_model", "tiny-sd15")
+
+    def base_model_choices(self) -> list[tuple[str, str]]:
+        return base_model_choices(self.base_model)
+
+    def base_model_note(self, base_model: str) -> str:
+        return base_model_note(base_model)
+
+    @property
+    def defaults(self) -> Studios:
+        return self
+
+    @property
+    def local(self) -> Studio:
+        """The single Studio of an app without login (tests and scripts use it)."""
+        return self.for_user(None)
