@@ -297,8 +297,16 @@ def _photos_tab(studios: Studios, base_model) -> dict[str, Any]:
 
     @friendly
     def on_prepare(
-        request: gr.Request, paths, tok, cls, crop_mode, captioner, set_name, base, progress=gr.Progress()
-    ):  # noqa: B008
+        request: gr.Request,
+        paths,
+        tok,
+        cls,
+        crop_mode,
+        captioner,
+        set_name,
+        base,
+        progress=gr.Progress(),  # noqa: B008 - Gradio's way to draw a progress bar
+    ):
         studio = studios.get(request)
 
         def emit(event):
