@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import math
 import tempfile
 import threading
 from collections import OrderedDict
@@ -84,6 +85,8 @@ class GenerateRequest:
             adapters = tuple((str(path), float(weight)) for path, weight in self.adapters)
         except (TypeError, ValueError):
             raise ValueError("adapters: expected (adapter folder, weight) pairs") from None
+        if not all(math.isfinite(w) for _, w in adapters):
+            raise ValueError("adapters: weights must be finite numbers")
         paths = [p for p, _ in adapters]
         if len(set(paths)) != len(paths):
             raise ValueError("adapters: the same adapter is listed twice; give it one weight")
