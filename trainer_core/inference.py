@@ -598,13 +598,14 @@ def make_grid(cells: Sequence[tuple[str, Any]], columns: int | None = None):
 
     if not cells:
         raise ValueError("cells: nothing to put in the grid")
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(probe.textlength(label, font=font) for label, _ in cells)
     img_w = max(im.width for _, im in cells)
     img_h = max(im.height for _, im in cells)
-    cell_w = int(max(img_w, text_w + 8))
-    band = 20
+    size = max(11, img_w // 20)  # labels readable at 64 px and at 1024 px alike
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(probe.textlength(label, font=font) for label, _ in cells)
+    cell_w = int(max(img_w, text_w + size))
+    band = int(size * 1.8)
     columns = columns or len(cells)
     rows = -(-len(cells) // columns)
     sheet = Image.new("RGB", (columns * cell_w, rows * (img_h + band)), "white")
@@ -613,5 +614,5 @@ def make_grid(cells: Sequence[tuple[str, Any]], columns: int | None = None):
         x, y = (i % columns) * cell_w, (i // columns) * (img_h + band)
         sheet.paste(image.convert("RGB"), (x + (cell_w - image.width) // 2, y))
         tw = draw.textlength(label, font=font)
-        draw.text((x + (cell_w - tw) / 2, y + img_h + 4), label, fill="black", font=font)
+        draw.text((x + (cell_w - tw) / 2, y + img_h + size * 0.35), label, fill="black", font=font)
     return sheet
