@@ -235,3 +235,20 @@ def test_cli_generate_blends_adapters_like_the_generator(gen, tiny_model, made, 
     rc = main([*common, "--adapter", a, "--adapter-weights", "0.5,0.5", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: adapter_weights:")
+
+
+def test_a_broken_adapter_fails_in_one_sentence_and_leaves_the_pipeline_usable(tiny_model, made, tmp_path):
+    import shutil
+
+    g = Generator(device="cpu")
+    broken = tmp_path / "broken"
+    shutil.copytree(made["a"], broken)
+    weights = broken / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    g.generate(req(tiny_model, [(made["c"], 1.0)], steps=1))
+    with pytest.raises(TrainingError, match="^Could not load the adapter dog-a from .*broken: "):
+        g.generate(req(tiny_model, [(broken, 1.0)]))
+    assert g.loaded_adapters() == [str(made["c"])]
+    assert np.array_equal(
+        px(g.generate(req(tiny_model, [(made["a"], 1.0)]))[0]), fresh_image(tiny_model, made["a"])
+    )

@@ -248,6 +248,8 @@ def check_architecture(source: AdapterSource, pipe_architecture: str, base_model
 
 def load_adapter(pipe, source: AdapterSource) -> None:
     """Load `source` into `pipe` under `source.pipeline_name` (adapter folder or checkpoint)."""
+    from safetensors import SafetensorError
+
     try:
         if source.kind == "adapter":
             pipe.load_lora_weights(
@@ -257,7 +259,7 @@ def load_adapter(pipe, source: AdapterSource) -> None:
             with tempfile.TemporaryDirectory(prefix="checkpoint-lora-") as tmp:
                 _checkpoint_as_lora_file(pipe, source.path, Path(tmp))
                 pipe.load_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME, adapter_name=source.pipeline_name)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as e:
         _drop_partial(pipe, source.pipeline_name)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
