@@ -252,3 +252,18 @@ def test_a_broken_adapter_fails_in_one_sentence_and_leaves_the_pipeline_usable(t
     assert np.array_equal(
         px(g.generate(req(tiny_model, [(made["a"], 1.0)]))[0]), fresh_image(tiny_model, made["a"])
     )
+
+
+def test_apply_adapters_on_an_own_pipeline_matches_the_generator(gen, tiny_model, made):
+    from trainer_core.inference import apply_adapters, generate
+
+    pipe = load_pipeline(str(tiny_model), device="cpu")
+    names = apply_adapters(pipe, [made["a"], made["b"]], [0.5, 0.5])
+    assert len(names) == 2
+    r = req(tiny_model, [(made["a"], 0.5), (made["b"], 0.5)])
+    own = px(generate(pipe, r.prompt, seed=r.seed, steps=r.steps)[0])
+    assert np.array_equal(own, px(gen.generate(r)[0]))
+    assert apply_adapters(pipe, []) == []  # back to the plain base
+    assert np.array_equal(
+        px(generate(pipe, r.prompt, seed=r.seed, steps=r.steps)[0]), fresh_image(tiny_model, None)
+    )
