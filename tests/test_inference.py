@@ -235,3 +235,35 @@ def test_cli_generate_blends_adapters_like_the_generator(gen, tiny_model, made, 
     rc = main([*common, "--adapter", a, "--adapter-weights", "0.5,0.5", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: adapter_weights:")
+
+
+def test_a_broken_adapter_fails_in_one_sentence_and_leaves_the_pipeline_usable(tiny_model, made, tmp_path):
+    import shutil
+
+    g = Generator(device="cpu")
+    broken = tmp_path / "broken"
+    shutil.copytree(made["a"], broken)
+    weights = broken / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    g.generate(req(tiny_model, [(made["c"], 1.0)], steps=1))
+    with pytest.raises(TrainingError, match="^Could not load the adapter dog-a from .*broken: "):
+        g.generate(req(tiny_model, [(broken, 1.0)]))
+    assert g.loaded_adapters() == [str(made["c"])]
+    assert np.array_equal(
+        px(g.generate(req(tiny_model, [(made["a"], 1.0)]))[0]), fresh_image(tiny_model, made["a"])
+    )
+
+
+def test_apply_adapters_on_an_own_pipeline_matches_the_generator(gen, tiny_model, made):
+    from trainer_core.inference import apply_adapters, generate
+
+    pipe = load_pipeline(str(tiny_model), device="cpu")
+    names = apply_adapters(pipe, [made["a"], made["b"]], [0.5, 0.5])
+    assert len(names) == 2
+    r = req(tiny_model, [(made["a"], 0.5), (made["b"], 0.5)])
+    own = px(generate(pipe, r.prompt, seed=r.seed, steps=r.steps)[0])
+    assert np.array_equal(own, px(gen.generate(r)[0]))
+    assert apply_adapters(pipe, []) == []  # back to the plain base
+    assert np.array_equal(
+        px(generate(pipe, r.prompt, seed=r.seed, steps=r.steps)[0]), fresh_image(tiny_model, None)
+    )

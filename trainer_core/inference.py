@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import math
 import tempfile
 import threading
 from collections import OrderedDict
@@ -84,6 +85,8 @@ class GenerateRequest:
             adapters = tuple((str(path), float(weight)) for path, weight in self.adapters)
         except (TypeError, ValueError):
             raise ValueError("adapters: expected (adapter folder, weight) pairs") from None
+        if not all(math.isfinite(w) for _, w in adapters):
+            raise ValueError("adapters: weights must be finite numbers")
         paths = [p for p, _ in adapters]
         if len(set(paths)) != len(paths):
             raise ValueError("adapters: the same adapter is listed twice; give it one weight")
@@ -245,6 +248,8 @@ def check_architecture(source: AdapterSource, pipe_architecture: str, base_model
 
 def load_adapter(pipe, source: AdapterSource) -> None:
     """Load `source` into `pipe` under `source.pipeline_name` (adapter folder or checkpoint)."""
+    from safetensors import SafetensorError
+
     try:
         if source.kind == "adapter":
             pipe.load_lora_weights(
@@ -254,7 +259,7 @@ def load_adapter(pipe, source: AdapterSource) -> None:
             with tempfile.TemporaryDirectory(prefix="checkpoint-lora-") as tmp:
                 _checkpoint_as_lora_file(pipe, source.path, Path(tmp))
                 pipe.load_lora_weights(tmp, weight_name=LORA_WEIGHT_NAME, adapter_name=source.pipeline_name)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as e:
         _drop_partial(pipe, source.pipeline_name)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(
@@ -595,13 +600,14 @@ def make_grid(cells: Sequence[tuple[str, Any]], columns: int | None = None):
 
     if not cells:
         raise ValueError("cells: nothing to put in the grid")
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(probe.textlength(label, font=font) for label, _ in cells)
     img_w = max(im.width for _, im in cells)
     img_h = max(im.height for _, im in cells)
-    cell_w = int(max(img_w, text_w + 8))
-    band = 20
+    size = max(11, img_w // 20)  # labels readable at 64 px and at 1024 px alike
+    font = ImageFont.load_default(size=size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(probe.textlength(label, font=font) for label, _ in cells)
+    cell_w = int(max(img_w, text_w + size))
+    band = int(size * 1.8)
     columns = columns or len(cells)
     rows = -(-len(cells) // columns)
     sheet = Image.new("RGB", (columns * cell_w, rows * (img_h + band)), "white")
@@ -610,5 +616,5 @@ def make_grid(cells: Sequence[tuple[str, Any]], columns: int | None = None):
         x, y = (i % columns) * cell_w, (i // columns) * (img_h + band)
         sheet.paste(image.convert("RGB"), (x + (cell_w - image.width) // 2, y))
         tw = draw.textlength(label, font=font)
-        draw.text((x + (cell_w - tw) / 2, y + img_h + 4), label, fill="black", font=font)
+        draw.text((x + (cell_w - tw) / 2, y + img_h + size * 0.35), label, fill="black", font=font)
     return sheet

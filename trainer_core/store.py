@@ -355,7 +355,7 @@ def hub_model_card(info: dict[str, Any], repo_id: str, samples: list[str]) -> st
     kohya = (info.get("files") or {}).get("kohya") or f"{name}.safetensors"
     pipeline_class = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
     base_for_code = base if _looks_like_hub_id(base) else "<the base model you trained on>"
-    header = ["---", "library_name: diffusers", "license: other"]
+    header = ["---", "library_name: diffusers"]
     if _looks_like_hub_id(base):
         header.append(f"base_model: {base}")
     tags = [
