@@ -237,6 +237,18 @@ def test_both_text_encoder_loras_round_trip(trained_te, tiny_sdxl, photos):
     assert (reloaded[2] - trained[2]).abs().max().item() < 1e-4
     info = json.loads((result.adapter_dir / "adapter.json").read_text())
     assert info["text_encoder_lora"] is True
+    # under the LoRA, both encoders' own weights are the base model's, bit for bit
+    fresh = _fresh_pipeline(tiny_sdxl)
+    for trained_te, base_te in (
+        (result.text_encoder, fresh.text_encoder),
+        (result.text_encoder_2, fresh.text_encoder_2),
+    ):
+        base_sd = base_te.state_dict()
+        bases = {
+            k.replace(".base_layer", ""): v for k, v in trained_te.state_dict().items() if "lora_" not in k
+        }
+        assert bases.keys() == base_sd.keys()
+        assert all(torch.equal(v, base_sd[k]) for k, v in bases.items())
 
 
 def test_resume_with_both_text_encoders_equals_straight_run(trained_te, tmp_path):
