@@ -161,3 +161,27 @@ def test_cli_import_adapter(adapters, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "SDXL LoRA" in err[0]
     assert _listing(store) == ["my-dog"]
+
+
+def test_peft_keys_import(adapters, tmp_path):
+    """A file with peft keys (unet.<module>.lora_A.weight, no alpha: alpha = rank) imports too; the
+    trained adapter's scale (alpha 8 / rank 4) is folded into lora_B so it is the same LoRA."""
+    from peft.utils import get_peft_model_state_dict
+
+    model, original = adapters["sd15"]
+    pipe = _pipeline(model)
+    pipe.load_lora_weights(str(original), adapter_name="default")
+    tensors = {}
+    for component in ("unet", "text_encoder"):
+        state = get_peft_model_state_dict(getattr(pipe, component), adapter_name="default")
+        for key, value in state.items():
+            scale = 2.0 if ".lora_B." in key else 1.0
+            tensors[f"{component}.{key}"] = (value * scale).contiguous()
+    assert any(".lora_A." in k for k in tensors) and not any(k.startswith("lora_") for k in tensors)
+    save_file(tensors, str(tmp_path / "peft.safetensors"))
+    folder = import_adapter(tmp_path / "peft.safetensors", str(model), tmp_path / "store")
+    info = json.loads((folder / "adapter.json").read_text())
+    assert info["source_format"] == "diffusers" and info["text_encoder_lora"] is True
+    got = _pipeline(model)
+    got.load_lora_weights(str(folder))
+    assert np.abs(_image(got) - _image(pipe)).max() < 1e-3

@@ -70,6 +70,7 @@ def trained(tiny_sdxl, photos, tmp_path_factory):
         photos,
         tmp_path_factory.mktemp("sdxl-run"),
         max_train_steps=10,
+        class_prompt="a photo of a puppy",  # its own class-image cache (test_cli counts the dog one)
         num_class_images=2,
         class_generation_steps=2,
         class_generation_batch_size=2,
@@ -161,7 +162,7 @@ def test_cached_conditioning_is_the_pipelines(tiny_sdxl, photos, class_dir, tmp_
     assert cache.class_time_ids[0].tolist()[0] == [64, 64, 0, 0, 64, 64]
 
 
-def test_adapter_folder_is_sdxl(trained):
+def test_adapter_folder_is_sdxl(trained, tiny_sdxl):
     result, cfg = trained["result"], trained["cfg"]
     assert result.status == "finished" and result.summary["steps"] == 10
     folder = result.adapter_dir
@@ -177,8 +178,8 @@ def test_adapter_folder_is_sdxl(trained):
     from trainer_core.class_images import class_cache_dir
 
     assert cfg.class_data_dir is None
-    cached = [d for d in class_cache_dir("x", cfg.class_prompt, 64).parent.iterdir() if d.is_dir()]
-    assert any(len(list_images(d)) == 2 for d in cached), "two class images made by the tiny SDXL"
+    cached = class_cache_dir(f"local:{tiny_sdxl.resolve()}", cfg.class_prompt, 64)
+    assert len(list_images(cached)) == 2, "two class images made by the tiny SDXL, in the shared cache"
 
 
 def test_lora_changed_and_base_untouched(trained, tiny_sdxl):
@@ -236,6 +237,18 @@ def test_both_text_encoder_loras_round_trip(trained_te, tiny_sdxl, photos):
     assert (reloaded[2] - trained[2]).abs().max().item() < 1e-4
     info = json.loads((result.adapter_dir / "adapter.json").read_text())
     assert info["text_encoder_lora"] is True
+    # under the LoRA, both encoders' own weights are the base model's, bit for bit
+    fresh = _fresh_pipeline(tiny_sdxl)
+    for trained_te, base_te in (
+        (result.text_encoder, fresh.text_encoder),
+        (result.text_encoder_2, fresh.text_encoder_2),
+    ):
+        base_sd = base_te.state_dict()
+        bases = {
+            k.replace(".base_layer", ""): v for k, v in trained_te.state_dict().items() if "lora_" not in k
+        }
+        assert bases.keys() == base_sd.keys()
+        assert all(torch.equal(v, base_sd[k]) for k, v in bases.items())
 
 
 def test_resume_with_both_text_encoders_equals_straight_run(trained_te, tmp_path):

@@ -318,7 +318,8 @@ def _lora_kind(state: dict[str, torch.Tensor], file_name: str) -> str:
     keys = list(state)
     if any(marker in k for k in keys for marker in _NOT_LORA):
         raise TrainingError(
-            f"{file_name} is a LyCORIS (LoHa/LoKr/OFT) or diff network, not a LoRA; only LoRA files can be imported."
+            f"{file_name} is a LyCORIS (LoHa/LoKr/OFT) or diff network, not a LoRA; "
+            "only LoRA files can be imported."
         )
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"

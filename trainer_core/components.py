@@ -464,10 +464,20 @@ def load_vae(vae: str, *, dtype: torch.dtype = torch.float32):
         loc, subfolder = vae, None
     try:
         return AutoencoderKL.from_pretrained(
-            loc, subfolder=subfolder, torch_dtype=dtype, local_files_only=local or _hub_offline()
+            loc, subfolder=subfolder, torch_dtype=dtype, local_files_only=True
         )
     except (OSError, ValueError) as e:
-        raise TrainingError(f"Could not load the VAE {vae}: {_first_line(e)}") from e
+        # As for base models: without network huggingface_hub would retry for minutes.
+        if local:
+            raise TrainingError(f"Could not load the VAE from {vae}: {_first_line(e)}") from e
+        if _hub_offline() or not _hub_reachable():
+            raise TrainingError(
+                f"Could not load the VAE {vae} from the Hugging Face Hub (offline or not in the local cache)."
+            ) from e
+    try:
+        return AutoencoderKL.from_pretrained(loc, subfolder=subfolder, torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"Could not download the VAE {vae}: {_first_line(e)}") from e
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

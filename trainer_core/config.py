@@ -46,8 +46,8 @@ class TrainConfig:
     )
     pretrained_vae: str | None = _f(
         None,
-        "A replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
-        "the model's VAE runs in fp32 otherwise (SDXL's overflows in fp16).",
+        "A replacement VAE (Hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix, for latents, class and "
+        "validation images (training keeps the VAE in fp32: SDXL's overflows in fp16).",
     )
     adapter_name: str | None = _f(None, "Name of the adapter (default: derived from the instance prompt).")
     token: str | None = _f(

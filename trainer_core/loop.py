@@ -2,9 +2,10 @@
 
 Read it top to bottom: `train()` loads the model, makes class images, caches VAE latents and prompt
 embeddings once, attaches LoRA, then runs the steps. SDXL adds a second text encoder, a pooled
-prompt embedding and per-image size conditioning (`add_time_ids`), all cached with the rest. Every random draw of a step (which photos,
-noise, timesteps, latent sample) comes from a generator seeded by (seed, micro-step, process), so a
-run stopped and resumed from a checkpoint takes exactly the steps an unbroken run takes.
+prompt embedding and per-image size conditioning (`add_time_ids`), all cached with the rest. Every
+random draw of a step (which photos, noise, timesteps, latent sample) comes from a generator seeded
+by (seed, micro-step, process), so a run stopped and resumed from a checkpoint takes exactly the
+steps an unbroken run takes.
 """
 
 from __future__ import annotations
