@@ -136,7 +136,9 @@ def time_class_images(job: dict, workdir: Path, pipe, label: str) -> dict:
     kwargs = dict(resolution=resolution, num_inference_steps=25, batch_size=job["class_batch"])
     for folder in ("warmup", label):
         shutil.rmtree(workdir / f"class-gen-{folder}", ignore_errors=True)
-    generate_class_images(lambda: pipe, CLASS_PROMPT, workdir / "class-gen-warmup", job["class_batch"], **kwargs)
+    generate_class_images(
+        lambda: pipe, CLASS_PROMPT, workdir / "class-gen-warmup", job["class_batch"], **kwargs
+    )
     sync()
     t0 = time.perf_counter()
     made = generate_class_images(
@@ -357,7 +359,9 @@ def spawn(task: str, job_file: Path, timeout: float | None) -> tuple[int, str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--job", str(job_file)]
     with log_path.open("w") as log:
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            rc = subprocess.run(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
@@ -402,7 +406,9 @@ def run_arch(arch: str, args: argparse.Namespace, root: Path) -> dict:
     }
     job_file = workdir / "job.json"
     job_file.write_text(json.dumps(job))
-    print(f"[{arch}] building the {args.shape} model on {args.device}, class images, adapter switch", flush=True)
+    print(
+        f"[{arch}] building the {args.shape} model on {args.device}, class images, adapter switch", flush=True
+    )
     rc, tail = spawn("setup", job_file, args.timeout)
     if rc != 0:
         return {"arch": arch, "setup": failure(rc, tail), "variants": {}}
@@ -534,8 +540,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="class images to time (default: 100 for SD 1.5, 16 for SDXL; 2 with --shape small)",
     )
     p.add_argument("--class-batch", type=int, default=4, help="class images per batch (default 4)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)")
-    p.add_argument("--timeout", type=float, help="seconds one variant may take before it is recorded as failed")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads per process (0: torch's default)"
+    )
+    p.add_argument(
+        "--timeout", type=float, help="seconds one variant may take before it is recorded as failed"
+    )
     p.add_argument("--workdir", type=Path, help="keep models and runs here (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--worker", help=argparse.SUPPRESS)
