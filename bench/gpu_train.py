@@ -258,7 +258,10 @@ def task_engine(job: dict, workdir: Path, variant: str) -> dict:
             sync()
             marks.append(time.perf_counter())
             if cuda and event.step == event.total:
-                peak_train.append(torch.cuda.max_memory_allocated() / GB)
+                peak_train[:] = [
+                    torch.cuda.max_memory_allocated() / GB,
+                    torch.cuda.max_memory_reserved() / GB,
+                ]
 
     t0 = time.perf_counter()
     try:
@@ -272,6 +275,7 @@ def task_engine(job: dict, workdir: Path, variant: str) -> dict:
         "final_loss": result.summary["final_loss"],
         "wall_s": time.perf_counter() - t0,
         "peak_vram_train_gb": peak_train[0] if peak_train else None,
+        "peak_vram_reserved_train_gb": peak_train[1] if peak_train else None,
     }
 
 
