@@ -173,6 +173,9 @@ def task_setup(job: dict, workdir: Path) -> dict:
     }
     result["model"] = build_model_on_device(job, workdir)
     prepare(workdir, make_spec(job))  # photos and class images (the model folder exists, so kept)
+    if job["device"].startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the class-image peak below excludes the build
 
     # Class images as the engine makes them (its parts as loaded, fp32), then with the inference
     # pipeline's dtype (fp16 on CUDA) for comparison.
@@ -430,8 +433,13 @@ def run_arch(arch: str, args: argparse.Namespace, root: Path) -> dict:
         rc, tail = spawn(variant, job_file, args.timeout)
         row = json.loads((workdir / f"result-{variant}.json").read_text()) if rc == 0 else failure(rc, tail)
         variants[variant] = summarize(row, args.warmup)
+    naive, fp32 = variants.get("naive", {}), variants.get("fp32", {})
+    ratio = None
+    if naive.get("status") == fp32.get("status") == "ok":  # the same precision: only the loop differs
+        ratio = naive["ms_per_step"] / fp32["ms_per_step"]
     return {
         "arch": arch,
+        "naive_over_engine_fp32": ratio,
         "resolution": shape.resolution,
         "shape": args.shape,
         "job": job,
@@ -493,13 +501,15 @@ def report(summary: dict) -> None:
         for variant, row in result["variants"].items():
             if row.get("status") == "ok":
                 if summary["device"].startswith("cuda"):
-                    vram = row.get("peak_vram_train_gb")
-                    mem = f"{vram or 0:.2f} / {row.get('peak_vram_run_gb', 0):.2f}"
+                    vram = row.get("peak_vram_train_gb")  # the naive loop has only the run's peak
+                    mem = f"{'-' if vram is None else f'{vram:.2f}'} / {row.get('peak_vram_run_gb', 0):.2f}"
                 else:
                     mem = f"{row['peak_rss_gb']:.2f}"
                 print(f"{variant:<18}{row['ms_per_step']:>10.1f}{mem:>28}{row['final_loss']:>12.4f}  ok")
             else:
                 print(f"{variant:<18}{'-':>10}{'-':>28}{'-':>12}  {row['status']}: {row['reason']}")
+        if result.get("naive_over_engine_fp32"):
+            print(f"  naive loop / engine, both fp32: {result['naive_over_engine_fp32']:.2f}x per step")
         for label, c in setup["class_images"].items():
             if isinstance(c, dict):
                 print(

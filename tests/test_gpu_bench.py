@@ -60,7 +60,7 @@ def test_cpu_smoke_sd15(tmp_path):
     assert result["variants"] == ["bf16", "fp16", "bf16-xformers", "bf16-compile"]
     assert result["comparable_to_goals"] is False and result["versions"]["torch"]
     sd15 = result["archs"]["sd15"]
-    assert sd15["resolution"] == 64
+    assert sd15["resolution"] == 64 and sd15["naive_over_engine_fp32"] is None
     check_setup(sd15["setup"], "sd15")
     variants = sd15["variants"]
     assert list(variants) == result["variants"]
@@ -88,6 +88,8 @@ def test_cpu_smoke_both_architectures_all_variants(tmp_path):
         # Gradient checkpointing recomputes, it does not change the result.
         assert variants["bf16-gradckpt"]["final_loss"] == pytest.approx(variants["bf16"]["final_loss"])
     check_measured(result["archs"]["sd15"]["variants"]["naive"])
+    assert result["archs"]["sd15"]["naive_over_engine_fp32"] > 0
+    assert result["archs"]["sdxl"]["naive_over_engine_fp32"] is None
     naive_sdxl = result["archs"]["sdxl"]["variants"]["naive"]
     assert naive_sdxl["status"] == "unavailable" and "SD 1.5 only" in naive_sdxl["reason"]
 
