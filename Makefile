@@ -8,6 +8,7 @@
 #   make test-slow   the long tests (pytest -m slow)
 #   make bench       training speed benchmark (bench/train_speed.py; BENCH_ARGS=--quick for a smoke run)
 #   make bench-switch adapter switch vs reload benchmark (bench/adapter_switch.py; BENCH_ARGS=--shape sd15)
+#   make bench-gpu   real-size SD 1.5/SDXL speed and memory on CUDA (bench/gpu_train.py; BENCH_ARGS="--arch sd15")
 #   make lint        ruff check + ruff format --check
 
 PYTHON ?= python3
@@ -30,7 +31,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-.PHONY: help setup run demo test test-slow bench bench-switch lint
+.PHONY: help setup run demo test test-slow bench bench-switch bench-gpu lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -75,6 +76,9 @@ bench: | $(PY)
 
 bench-switch: | $(PY)
 	HF_HUB_OFFLINE=1 $(PY) bench/adapter_switch.py $(BENCH_ARGS)
+
+bench-gpu: | $(PY)
+	HF_HUB_OFFLINE=1 $(PY) bench/gpu_train.py $(BENCH_ARGS)
 
 lint: | $(PY)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -59,8 +59,23 @@ def test_targets_and_weightings_change_the_loss(cfg, tmp_path, change):
         (dict(mixed_precision="fp16"), "fp16"),
         (dict(use_8bit_adam=True), "8-bit Adam"),
         (dict(enable_xformers=True), "xformers"),
+        (dict(compile_unet=True), "Compiling the UNet needs a CUDA GPU"),
     ],
 )
 def test_cuda_only_options_fail_with_a_sentence(cfg, change, fragment):
     with pytest.raises(TrainingError, match=fragment):
         train(dataclasses.replace(cfg, **change))
+
+
+def test_fused_adam_builds_a_fused_adamw_and_excludes_8bit(cfg):
+    from trainer_core.loop import _make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert _make_optimizer(cfg, params).param_groups[0]["fused"] in (None, False)
+    fused = _make_optimizer(dataclasses.replace(cfg, fused_adam=True), params)
+    assert isinstance(fused, torch.optim.AdamW) and fused.param_groups[0]["fused"] is True
+    params[0].grad = torch.ones(3)
+    fused.step()  # the fused kernel runs here (torch has one for the CPU too)
+    assert torch.all(params[0] < 0)
+    with pytest.raises(ValueError, match="fused_adam"):
+        dataclasses.replace(cfg, fused_adam=True, use_8bit_adam=True)

@@ -90,6 +90,7 @@ class TrainConfig:
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (needs CUDA and bitsandbytes).")
+    fused_adam: bool = _f(False, "Fused AdamW (torch's one-kernel update of all LoRA weights).")
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is usual); off when unset.")
     noise_offset: float = _f(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
     prediction_type: str | None = _f(
@@ -99,6 +100,11 @@ class TrainConfig:
     mixed_precision: str = _f("no", "Mixed precision: no, fp16 (CUDA) or bf16. LoRA weights stay fp32.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     enable_xformers: bool = _f(False, "Use xformers attention (needs CUDA and xformers); default is SDPA.")
+    compile_unet: bool = _f(
+        False,
+        "torch.compile the UNet's repeated transformer blocks (CUDA only; the first steps compile, "
+        "so only long runs gain).",
+    )
     # reproducibility, logging, validation
     seed: int = _f(0, "Seed for noise, timesteps, data order and class images.")
     logging_steps: int = _f(1, "Report and log metrics every N steps.")
@@ -176,6 +182,8 @@ class TrainConfig:
             raise bad("max_grad_norm", "must be >= 0")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}")
+        if self.fused_adam and self.use_8bit_adam:
+            raise bad("fused_adam", "cannot be combined with use_8bit_adam; choose one optimizer")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:

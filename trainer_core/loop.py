@@ -123,6 +123,8 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
     paths = run_paths(out)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("fp16 mixed precision needs a CUDA GPU; use bf16 or no mixed precision here.")
+    if config.compile_unet and not torch.cuda.is_available():
+        raise TrainingError("Compiling the UNet needs a CUDA GPU; turn compile_unet off on this machine.")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -275,6 +277,10 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
                 te.gradient_checkpointing_enable()
     if config.enable_xformers:
         _enable_xformers(unet)
+    if config.compile_unet:
+        # In place, block by block (diffusers' _repeated_blocks): one compiled graph serves every
+        # transformer block, the module tree and state-dict names stay as they are for saving.
+        unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
     optimizer = _make_optimizer(config, params)
@@ -776,7 +782,7 @@ def _make_optimizer(config: TrainConfig, params):
         except ImportError as e:
             raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if config.fused_adam else {}))
 
 
 def _enable_xformers(unet) -> None:
