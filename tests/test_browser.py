@@ -103,19 +103,21 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         )
         d.find_element(By.ID, "prepare-btn").click()
         wait_until(lambda: "4 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
-        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 30, "prepared images")
+        wait_until(
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 120, "prepared images"
+        )
         screenshot(d, shots / "1-photos.png")
 
         click_tab(d, "Train")
         wait_until(lambda: "Preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset")
         d.find_element(By.CSS_SELECTOR, "#advanced button").click()
-        wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 10, "advanced")
+        wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
         set_number(d, "adv-steps", 12)
         set_number(d, "adv-class-images", 2)
         set_number(d, "adv-validation-steps", 6)
         time.sleep(0.5)
         d.find_element(By.ID, "start-btn").click()
-        wait_until(lambda: studio.training_status()["state"] == "running", 30, "job running")
+        wait_until(lambda: studio.training_status()["state"] == "running", 120, "job running")
         # The plot is redrawn from the timer: it gains points while the job runs.
         wait_until(lambda: studio.training_status()["step"] >= 4, 240, "4 steps")
         wait_until(
@@ -123,16 +125,16 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             30,
             "loss plot drawn",
         )
-        wait_until(lambda: "Training" in d.find_element(By.ID, "status-line").text, 30, "status line")
+        wait_until(lambda: "Training" in d.find_element(By.ID, "status-line").text, 120, "status line")
         wait_until(lambda: studio.training_status()["state"] in ("finished", "failed"), 240, "job done")
         assert studio.training_status()["state"] == "finished", studio.training_status()["message"]
-        wait_until(lambda: "Finished" in d.find_element(By.ID, "status-line").text, 30, "finished shown")
+        wait_until(lambda: "Finished" in d.find_element(By.ID, "status-line").text, 120, "finished shown")
         wait_until(
-            lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 30, "validation images"
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2, 120, "validation images"
         )
         # Four drawn lines: instance loss, prior loss, total and smoothed total.
         wait_until(
-            lambda: len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4, 30, "4 lines"
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4, 120, "4 lines"
         )
         metrics_points = len(studio.training_status()["metrics"])
         assert metrics_points == 12
@@ -141,7 +143,7 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         click_tab(d, "Generate")
         name = studio.training_status()["adapter_name"]
         wait_until(lambda: name in d.find_element(By.ID, "adapter-pick").text or
-                   d.find_element(By.CSS_SELECTOR, "#adapter-pick input").get_attribute("value") == name, 30, "adapter offered")  # fmt: skip
+                   d.find_element(By.CSS_SELECTOR, "#adapter-pick input").get_attribute("value") == name, 120, "adapter offered")  # fmt: skip
         wait_until(
             lambda: "sks" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"),
             30,
@@ -152,7 +154,7 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         screenshot(d, shots / "3-generate.png")
 
         click_tab(d, "Gallery")
-        wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 30, "gallery details")
+        wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 120, "gallery details")
         screenshot(d, shots / "4-gallery.png")
         click_tab(d, "Runs")
         run_id = studio.training_status()["run_id"]
@@ -162,9 +164,9 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             "run",
         )
         box[0].click()
-        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#runs-images img")) >= 2, 30, "run samples")
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#runs-images img")) >= 2, 120, "run samples")
         wait_until(
-            lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 30, "runs plot line"
+            lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 120, "runs plot line"
         )
         screenshot(d, shots / "5-runs.png")
         for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
