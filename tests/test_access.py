@@ -130,3 +130,19 @@ def test_one_gpu_one_training_across_users(tmp_path):
     assert alice.training_status()["state"] == "finished"
     assert not studios.shared.gpu.locked()
     assert str(trainer.configs[0].output_dir).startswith(str(tmp_path / "users" / "alice" / "runs"))
+
+
+def test_restart_recovers_every_users_runs_at_boot(tmp_path):
+    from test_jobs import _left_running
+
+    from dreambooth_ui.studio import Studios
+
+    _left_running(tmp_path / "users" / "alice" / "runs" / "r1", 3, with_checkpoint=True)
+    _left_running(tmp_path / "users" / "bob" / "runs" / "r2", 1, with_checkpoint=False)
+    studios = Studios(tmp_path, policy=AccessPolicy(required=True, allowed=None, oauth=False))
+    # Nothing stays "running" after a restart, whether or not its user has come back yet.
+    assert studios.for_user("alice").training_status()["state"] == "interrupted"
+    assert studios.for_user("bob").training_status()["state"] == "lost"
+    for user, run in (("alice", "r1"), ("bob", "r2")):
+        status = (tmp_path / "users" / user / "runs" / run / "status.json").read_text()
+        assert '"running"' not in status
