@@ -212,6 +212,23 @@ def build_app(studios: Studios | Studio, *, banner: str | None = None) -> gr.Blo
         )
         train["go_generate"].click(lambda: gr.Tabs(selected="generate"), None, tabs)
 
+        # A rename, delete or restore in the Gallery changes the list Generate offers (its choice is kept).
+        def gallery_changed(request: gr.Request, _name, current, second):
+            adapters = studios.get(request).list_adapters()
+            names = adapter_choices(adapters)
+            keep = current if current in names else (names[0] if names else None)
+            return (
+                adapter_gallery(adapters),
+                gr.Dropdown(choices=names, value=keep),
+                gr.Dropdown(choices=[""] + names, value=second if second in names else ""),
+            )
+
+        gallery["adapter"].change(
+            friendly(gallery_changed),
+            [gallery["adapter"], generate["adapter"], generate["second_adapter"]],
+            [generate["gallery"], generate["adapter"], generate["second_adapter"]],
+        )
+
         @friendly
         def open_run_adapter(request: gr.Request, run_id):
             studio = studios.get(request)

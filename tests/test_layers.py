@@ -50,3 +50,23 @@ def test_ui_imports_no_torch_and_engine_no_gradio():
     for path in (ROOT / "dreambooth_ui").rglob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
+
+
+def test_no_text_encoder_lora_notice_when_an_adapter_loads(tmp_path):
+    """An adapter without text-encoder LoRA loads without diffusers' "No LoRA keys ... CLIPTextModel"."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import trainer_core, trainer_core.components as c\n"
+        "from lora_fixtures import lora_adapter\n"
+        f"adapter = lora_adapter(c.tiny_model_dir('tiny-sd15'), __import__('pathlib').Path({str(tmp_path / 'a')!r}), 1)\n"
+        "parts, _ = c.load_components('tiny-sd15')\n"
+        "pipe = c.assemble_pipeline(parts)\n"
+        "pipe.load_lora_weights(str(adapter))\n"
+        "print('loaded', pipe.get_list_adapters())\n"
+    )
+    env = {**__import__("os").environ, "DREAMBOOTH_STUDIO_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env=env
+    )
+    assert "loaded" in proc.stdout
+    assert "No LoRA keys associated" not in proc.stderr, proc.stderr

@@ -24,3 +24,19 @@ class _NoTorchvisionFallbackNotice(logging.Filter):
 
 # The logger transformers creates under this name later is this same object.
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNotice())
+
+
+class _NoTextEncoderLoraNotice(logging.Filter):
+    """Drop diffusers' "No LoRA keys associated to CLIPTextModel" warning.
+
+    It is logged for every adapter without a text-encoder LoRA (the default here) each time one is
+    loaded, and says itself that it is safe to ignore then; the app's log filled up with it.
+    Adapter files that should carry text-encoder keys are checked when imported (`import-adapter`).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
+for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft"):
+    logging.getLogger(_name).addFilter(_NoTextEncoderLoraNotice())
