@@ -8,8 +8,8 @@ DREAMBOOTH_STUDIO_USERS; with --auth, the accounts given.
 
 The user comes from Gradio's password login (`request.username`), from the Hugging Face OAuth
 session (the page's "Sign in with Hugging Face" button on a Space), or, for `gradio_client` calls on
-a Space, from the `Authorization: Bearer hf_...` header (resolved with the Hub's whoami once per
-token; the token itself is neither kept nor logged).
+a Space, from the Hub token it sends (`x-hf-authorization: Bearer hf_...`), resolved with the Hub's
+whoami once per token; the token itself is neither kept nor logged.
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def request_user(request, token_users: Callable[[str], str | None] | None = None
         if user:
             return str(user)
     if token_users is not None:
+        # gradio_client sends the token of `Client(..., token=)` in x-hf-authorization.
         try:
-            header = request.headers.get("authorization") or ""
+            header = request.headers.get("x-hf-authorization") or request.headers.get("authorization") or ""
         except AttributeError:
             header = ""
         scheme, _, token = header.partition(" ")

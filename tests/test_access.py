@@ -49,10 +49,12 @@ def test_request_user_from_password_oauth_session_and_bearer_token():
         return "carol"
 
     users = TokenUsers(whoami)
-    bearer = SimpleNamespace(username=None, session={}, headers={"authorization": "Bearer hf_good"})
+    bearer = SimpleNamespace(username=None, session={}, headers={"x-hf-authorization": "Bearer hf_good"})
     assert request_user(bearer, users) == "carol"
     assert request_user(bearer, users) == "carol" and calls == ["hf_good"]  # remembered
-    bad = SimpleNamespace(username=None, session={}, headers={"authorization": "Bearer hf_bad"})
+    bad = SimpleNamespace(
+        username=None, session={}, headers={"authorization": "Bearer hf_bad"}
+    )  # plain header too
     assert request_user(bad, users) is None
     assert request_user(bearer, None) is None  # tokens are only accepted where a resolver is set
 
@@ -146,3 +148,67 @@ def test_restart_recovers_every_users_runs_at_boot(tmp_path):
     for user, run in (("alice", "r1"), ("bob", "r2")):
         status = (tmp_path / "users" / user / "runs" / run / "status.json").read_text()
         assert '"running"' not in status
+
+
+def test_gradio_client_token_identifies_the_user_end_to_end(tmp_path):
+    """`Client(url, token=...)` as the README tells Space users; whoami is a stand-in (no Hub here)."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    import app
+    from dreambooth_ui.layout import build_app
+    from dreambooth_ui.studio import Studios
+
+    users = TokenUsers(lambda token: {"hf_carol": "carol"}[token])
+    # (No login button: outside a Space, Gradio's OAuth mock needs a logged-in Hub account.)
+    policy = AccessPolicy(required=True, allowed=frozenset({"carol"}), oauth=False)
+    studios = Studios(tmp_path, policy=policy, token_users=users, base_model="tiny-sd15")
+    demo = build_app(studios)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            **app.launch_options(studios))  # fmt: skip
+    try:
+        assert Client(url, token="hf_carol", verbose=False).predict(api_name="/list_adapters") == []
+        assert (tmp_path / "users" / "carol").is_dir()
+        with pytest.raises(AppError, match="Log in first"):
+            Client(url, verbose=False).predict(api_name="/list_adapters")
+        with pytest.raises(AppError, match="Log in first"):
+            Client(url, token="hf_unknown", verbose=False).predict(api_name="/list_adapters")
+    finally:
+        demo.close()
+
+
+def test_app_starts_as_a_space_with_the_login_button(tmp_path):
+    """On a Space the page has "Sign in with Hugging Face", which needs gradio's OAuth extras installed
+    (authlib, itsdangerous); without them the Space would crash at start. Run as Spaces run it."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    port = free_port()
+    env = {**os.environ, "SYSTEM": "spaces", "SPACE_ID": "alice/studio", "SPACE_AUTHOR_NAME": "alice",
+           "OAUTH_CLIENT_ID": "id", "OAUTH_CLIENT_SECRET": "secret", "OAUTH_SCOPES": "openid profile",
+           "OPENID_PROVIDER_URL": "https://huggingface.co", "DREAMBOOTH_STUDIO_PERSISTENT_DIR": str(tmp_path),
+           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        page = None
+        for _ in range(120):
+            if proc.poll() is not None:
+                break
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, proc.communicate(timeout=10)[0][-3000:]
+        assert "Sign in with Hugging Face" in page or "login_button" in page or "loginbutton" in page.lower()
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert f"data folder {tmp_path / 'dreambooth-studio'} (persistent), Space alice/studio" in log, log[
+        -3000:
+    ]
