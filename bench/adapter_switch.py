@@ -32,20 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # trainer_core, when run as a script
 
-from trainer_core.shapes import TINY_SD15, SD15Shape  # noqa: E402  (torch-free)
+from trainer_core.shapes import SMALL_SD15, TINY_SD15, SD15Shape  # noqa: E402  (torch-free)
 
 SHAPES = {
     "tiny": TINY_SD15,
-    # bench/train_speed.py's model: SD 1.5's layout at about a fifth of its widths, 256 px.
-    "small": SD15Shape(
-        unet_channels=(64, 128, 256, 256),
-        vae_channels=(32, 64, 128, 128),
-        text_hidden=256,
-        text_layers=4,
-        text_heads=4,
-        text_intermediate=1024,
-        resolution=256,
-    ),
+    "small": SMALL_SD15,  # bench/train_speed.py's model: SD 1.5's layout at a fifth of its widths, 256 px
     "sd15": SD15Shape(),  # the real SD 1.5 widths (UNet 860 M parameters), 512 px
 }
 PROMPT = "a photo of sks dog"

@@ -31,6 +31,7 @@ from trainer_core.events import (
     TrainingError,
 )
 from trainer_core.fileio import atomic_write_json
+from trainer_core.runs import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -350,13 +351,7 @@ def _job_from_disk(run_dir: Path) -> _Job:
         status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
         status = {}
-    metrics = []
-    try:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                metrics.append(json.loads(line))
-    except (OSError, ValueError):
-        pass
+    metrics = read_metrics(run_dir)  # the engine's reader: a half-written last line is skipped
     checkpoints = sorted(
         int(p.name.split("-")[1])
         for p in (run_dir / "checkpoints").glob("checkpoint-*")

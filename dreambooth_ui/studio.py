@@ -298,13 +298,9 @@ class Studio:
         return self.runner.snapshot()
 
     def resume_training(self, run_id: str) -> dict[str, Any]:
-        from trainer_core.events import TrainingError
-
         try:
-            self.runner.resume(safe_name(run_id, "run id"))
+            _engine_call(self.runner.resume, safe_name(run_id, "run id"))
         except JobBusy as e:
-            raise UserError(str(e)) from e
-        except TrainingError as e:
             raise UserError(str(e)) from e
         return self.runner.snapshot()
 
@@ -477,14 +473,7 @@ class Studio:
         return paths[0], [(label, p) for (label, _), p in zip(labelled, paths[1:], strict=True)]
 
     def _run_generator(self, fn):
-        from trainer_core.events import TrainingError
-
-        try:
-            return fn(self.generator)
-        except TrainingError as e:
-            raise UserError(str(e)) from e
-        except ValueError as e:
-            raise UserError(_sentence(str(e))) from e
+        return _engine_call(fn, self.generator)
 
     def _save_images(self, images, prefix: str) -> list[Path]:
         out = self.data_dir / "outputs"
@@ -519,15 +508,12 @@ class Studio:
         return self._store_call(self.store.push_to_hub, name, repo_id, token=token or None, private=private)
 
     def _store_call(self, fn, *args: Any, **kwargs: Any):
-        from trainer_core.events import TrainingError
-
+        """A store operation; its errors (a failed Hub push's sentence too) become UserError."""
         try:
-            return fn(*args, **kwargs)
-        except TrainingError as e:  # e.g. the Hub push failed: its sentence says why
-            raise UserError(str(e)) from e
+            return _engine_call(fn, *args, **kwargs)
         except (KeyError, FileNotFoundError) as e:
             raise UserError(f"There is no adapter called {args[0]!r} in the gallery.") from e
-        except (ValueError, FileExistsError) as e:
+        except FileExistsError as e:
             raise UserError(_sentence(str(e))) from e
 
 

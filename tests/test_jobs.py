@@ -82,7 +82,6 @@ def test_runs_to_finished_with_metrics_eta_and_publish(tmp_path):
     )
     assert runner.snapshot()["state"] == "idle"
     runner.start(config(), "run1")
-    assert trainer.configs == [] or trainer.configs[0].output_dir == str(tmp_path / "runs" / "run1")
     trainer.release(3)
     wait_for(lambda: runner.snapshot()["step"] == 3)
     snap = runner.snapshot()

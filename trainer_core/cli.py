@@ -8,6 +8,7 @@ training asks the engine to stop: it saves a checkpoint and a usable adapter, th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -139,6 +140,25 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _first_ctrl_c_stops(message: str):
+    """Within the block, the first Ctrl-C asks the engine to stop (the yielded `should_stop` turns
+    true, `message` is printed) and a second one aborts at once (KeyboardInterrupt)."""
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print(f"{message} (Ctrl-C again to abort)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: stop["requested"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _prep_fields() -> list[dataclasses.Field]:
     from .prep import PrepOptions
 
@@ -153,24 +173,14 @@ def cmd_prep(args) -> int:
     options = PrepOptions(**given)
     if options.caption == "blip":
         _quiet_libraries()
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("stopping; the output folder is left as it was (Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        report = prepare_photos(
-            args.input, args.output, options, emit=_ProgressPrinter(), should_stop=lambda: stop["requested"]
-        )
+        with _first_ctrl_c_stops("stopping; the output folder is left as it was") as should_stop:
+            report = prepare_photos(
+                args.input, args.output, options, emit=_ProgressPrinter(), should_stop=should_stop
+            )
     except StopRequested:
         print("error: stopped; nothing was written.", file=sys.stderr)
         return EXIT_STOPPED
-    finally:
-        signal.signal(signal.SIGINT, previous)
     for r in report.rejected:
         print(f"rejected {r.source}: {r.reason}", file=sys.stderr)
     for a in report.accepted:
@@ -196,19 +206,8 @@ def cmd_train(args) -> int:
 
     config = _config_from_args(args)
     _quiet_libraries()
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print("stopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        result = train(config, emit=_ProgressPrinter(), should_stop=lambda: stop["requested"])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with _first_ctrl_c_stops("stopping after this step") as should_stop:
+        result = train(config, emit=_ProgressPrinter(), should_stop=should_stop)
     if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) or 0) == 0:
         print(json.dumps(result.summary, sort_keys=True), flush=True)
     return EXIT_STOPPED if result.status == "stopped" else 0

@@ -40,6 +40,18 @@ TINY_SD15 = SD15Shape(
     resolution=64,
 )
 
+# The benchmarks' model (bench/train_speed.py, bench/adapter_switch.py): SD 1.5's layout at about a
+# fifth of its widths, 256 px.
+SMALL_SD15 = SD15Shape(
+    unet_channels=(64, 128, 256, 256),
+    vae_channels=(32, 64, 128, 128),
+    text_hidden=256,
+    text_layers=4,
+    text_heads=4,
+    text_intermediate=1024,
+    resolution=256,
+)
+
 
 @dataclass(frozen=True)
 class SDXLShape:
