@@ -99,14 +99,56 @@ def test_events_report_both_losses(trained):
     assert all(m.prior_loss is not None and m.instance_loss > 0 for m in metrics)
 
 
+def _one_key_projections(unet, latent_size: int = 8) -> set[str]:
+    """LoRA-wrapped `to_q`/`to_k` of self-attention layers that see a single token.
+
+    Softmax over one key is the constant 1, so the query and key projections there cannot change
+    the output and get no gradient (exactly zero, or rounding noise of ~1e-12 where a CPU's
+    attention kernel sums in another order: AVX2 does, AVX-512 does not). At 64 px the tiny model's
+    mid block works on a 1x1 map: that is where they are. Found by running the UNet, not by name.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    seen: dict[str, int] = {}
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda mod, args, kwargs, name=name: seen.__setitem__(
+                name, (kwargs.get("hidden_states", args[0] if args else None)).shape[1]
+            ),
+            with_kwargs=True,
+        )
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and not module.is_cross_attention
+    ]
+    try:
+        dim = unet.config.cross_attention_dim
+        with torch.no_grad():
+            unet(torch.zeros(1, 4, latent_size, latent_size), torch.tensor([1]), torch.zeros(1, 77, dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen, "no self-attention layer ran"
+    return {f"{name}.{proj}" for name, tokens in seen.items() if tokens == 1 for proj in ("to_q", "to_k")}
+
+
 def test_lora_changed_and_base_untouched(trained, tiny_model):
     from diffusers import UNet2DConditionModel
 
     unet = trained["result"].unet
     base = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").state_dict()
     trained_sd = unet.state_dict()
-    lora_b = {k: v for k, v in trained_sd.items() if "lora_B" in k}
-    assert lora_b and all(v.abs().max() > 0 for v in lora_b.values()), "lora_B starts at zero and must move"
+    lora_b = {k.split(".lora_B")[0]: v for k, v in trained_sd.items() if "lora_B" in k}
+    one_key = _one_key_projections(unet)
+    # The tiny model at 64 px: 8x8 latents, three downsamples, so only the mid block sees 1x1.
+    assert one_key == {
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+    }
+    assert one_key <= set(lora_b)
+    unmoved = {name for name, v in lora_b.items() if v.abs().max() == 0}
+    # lora_B starts at zero: every LoRA that can receive a gradient must have moved.
+    assert unmoved <= one_key, sorted(unmoved - one_key)
+    assert len(lora_b) - len(one_key) >= 30
     compared = 0
     for key, value in trained_sd.items():
         if "lora_" in key:
@@ -115,6 +157,31 @@ def test_lora_changed_and_base_untouched(trained, tiny_model):
         assert torch.equal(value, base[base_key]), key
         compared += 1
     assert compared == len(base)
+
+
+def test_one_key_projections_get_no_gradient(tiny_model):
+    """The premise of the test above, checked directly: one backward pass, LoRA B perturbed so
+    that gradients reach every LoRA matrix."""
+    from trainer_core.components import add_lora, load_components
+
+    parts, _ = load_components(str(tiny_model))
+    unet = parts["unet"]
+    add_lora(unet, parts["text_encoder"], rank=4, alpha=8.0, train_text_encoder=False)
+    g = torch.Generator().manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.01
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    embeds = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    unet(latents, torch.tensor([10, 500]), embeds).sample.pow(2).mean().backward()
+    grads = {
+        n.split(".lora_")[0]: p.grad.abs().max().item()
+        for n, p in unet.named_parameters()
+        if p.requires_grad and "lora_" in n
+    }
+    one_key = _one_key_projections(unet)
+    assert max(grads[n] for n in one_key) < 1e-9
+    assert min(v for n, v in grads.items() if n not in one_key) > 1e-7
 
 
 def test_saved_adapter_reproduces_trained_prediction(trained, tiny_model):
