@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from trainer_core.checkpoints import list_checkpoints
 from trainer_core.config import TrainConfig
 from trainer_core.events import (
     CheckpointSaved,
@@ -194,7 +195,8 @@ class JobRunner:
                 "adapter_dir": job.adapter_dir,
                 "adapter_name": job.adapter_name,
                 "elapsed_seconds": round(time.time() - job.started, 1),
-                "resumable": job.state in ("interrupted", "stopped") and bool(job.checkpoints),
+                # A failed run (a full disk, NaN) keeps its checkpoints: it resumes from the last good one.
+                "resumable": job.state in ("interrupted", "stopped", "failed") and bool(job.checkpoints),
             }
 
     # -- restart recovery ------------------------------------------------------------------------
@@ -338,7 +340,7 @@ class JobRunner:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    return any((p / "state.json").is_file() for p in (run_dir / "checkpoints").glob("checkpoint-*"))
+    return bool(list_checkpoints(run_dir / "checkpoints"))
 
 
 def _job_from_disk(run_dir: Path) -> _Job:
@@ -352,11 +354,7 @@ def _job_from_disk(run_dir: Path) -> _Job:
     except (OSError, ValueError):
         status = {}
     metrics = read_metrics(run_dir)  # the engine's reader: a half-written last line is skipped
-    checkpoints = sorted(
-        int(p.name.split("-")[1])
-        for p in (run_dir / "checkpoints").glob("checkpoint-*")
-        if (p / "state.json").is_file() and p.name.split("-")[1].isdigit()
-    )
+    checkpoints = [step for step, _ in list_checkpoints(run_dir / "checkpoints")]
     return _Job(
         run_id=run_dir.name,
         run_dir=run_dir,

@@ -24,16 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer_core.config import SUBJECT_TYPES, TrainConfig, preset_config
+from trainer_core.config import SUBJECT_TYPES, TINY_MODELS, TrainConfig, preset_config
 
 from .jobs import JobBusy, JobRunner
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = {
-    "tiny-sd15": "tiny-sd15 (offline test model, produces noise)",
-    "tiny-sdxl": "tiny-sdxl (offline test model, produces noise)",
-}
 HUB_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "Stable Diffusion 1.5",
     "stabilityai/stable-diffusion-xl-base-1.0": "SDXL base 1.0",
@@ -60,7 +56,7 @@ def safe_name(name: str, what: str = "name") -> str:
 
 def base_model_choices(default: str) -> list[tuple[str, str]]:
     """(label, value) pairs for the base model picker; the default first when it is not listed."""
-    choices = [(label, key) for key, label in TINY_MODELS.items()]
+    choices = [(label, key) for key, (_, label) in TINY_MODELS.items()]
     choices += [(f"{label} ({key})", key) for key, label in HUB_MODELS.items()]
     if default not in TINY_MODELS and default not in HUB_MODELS:
         choices.insert(0, (default, default))

@@ -43,7 +43,7 @@ def _write_photos(folder: Path, n: int = 3) -> Path:
     return folder
 
 
-def _launch(tmp_path: Path, home: Path, steps: int = STEPS, popen: bool = False):
+def _launch(tmp_path: Path, home: Path, steps: int = STEPS, popen: bool = False, extra: tuple = ()):
     photos = _write_photos(tmp_path / "photos")
     env = {
         **os.environ,
@@ -71,6 +71,7 @@ def _launch(tmp_path: Path, home: Path, steps: int = STEPS, popen: bool = False)
         "--max-train-steps", str(steps),
         "--checkpointing-steps", "2",
         "--output-dir", str(tmp_path / "run"),
+        *extra,
     ]  # fmt: skip
     if popen:
         return subprocess.Popen(
@@ -107,6 +108,16 @@ def test_two_cpu_processes_train_one_adapter(tmp_path):
     # the other waits (without it, one rank loaded a half-replaced folder and the run failed).
     proc, seconds = _launch(tmp_path, tmp_path / "studio-home")
     print(f"accelerate launch, 2 CPU processes, {STEPS} steps: {seconds:.1f} s wall")
+    _check_run(proc, tmp_path / "run")
+
+
+def test_two_processes_train_sdxl_with_text_encoder_lora(tmp_path):
+    """SDXL conditions on text encoder 1's penultimate layer: a LoRA on its last layer got no
+    gradient and DDP failed at step 2 ("Expected to have finished reduction ..."). No such LoRA now."""
+    proc, seconds = _launch(
+        tmp_path, tmp_path / "studio-home", extra=("--base-model", "tiny-sdxl", "--train-text-encoder")
+    )
+    print(f"accelerate launch, 2 CPU processes, SDXL + text-encoder LoRA, {STEPS} steps: {seconds:.1f} s")
     _check_run(proc, tmp_path / "run")
 
 

@@ -140,6 +140,27 @@ def test_failures_become_one_sentence(tmp_path):
     assert "KeyError" in snap["message"] and "secret/internal/path" not in snap["message"]
 
 
+def test_a_failed_run_with_a_checkpoint_offers_resume(tmp_path):
+    """A full disk at step 3 fails the run; its step-2 checkpoint is intact, so Resume is offered
+    (it was hidden for failed runs). Without any checkpoint, it is not."""
+    disk_full = TrainingError("Could not save checkpoint 3 (No space left on device); free disk space.")
+    trainer = ScriptedTrainer(steps=5, fail_at=3, error=disk_full)
+    runner = JobRunner(tmp_path / "runs", train_fn=trainer)
+    runner.start(config(), "run1")
+    trainer.release(3)
+    assert runner.wait(20)
+    snap = runner.snapshot()
+    assert snap["state"] == "failed" and "free disk space" in snap["message"]
+    assert snap["checkpoints"] == [2] and snap["resumable"]
+
+    early = ScriptedTrainer(steps=5, fail_at=1, error=disk_full)
+    runner = JobRunner(tmp_path / "runs2", train_fn=early)
+    runner.start(config(), "run1")
+    early.release(1)
+    assert runner.wait(20)
+    assert runner.snapshot()["state"] == "failed" and not runner.snapshot()["resumable"]
+
+
 def _left_running(run_dir: Path, step: int, with_checkpoint: bool) -> None:
     run_dir.mkdir(parents=True)
     config().save(run_dir / "config.json")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .events import TrainingError
+from .events import TrainingError, first_line
 from .fileio import atomic_directory
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -429,7 +429,7 @@ def import_adapter(
         # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata.
         pipe.load_lora_weights(str(path), adapter_name="default")
     except Exception as e:  # size mismatches (RuntimeError), unknown modules (ValueError)
-        raise refuse("its layer shapes differ" if "size mismatch" in str(e) else _first_line(e)) from e
+        raise refuse("its layer shapes differ" if "size mismatch" in str(e) else first_line(e)) from e
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
 
@@ -472,8 +472,3 @@ def import_adapter(
         raise TrainingError(
             f"An adapter named {name} already exists in {adapters_dir}; choose another name."
         ) from e
-
-
-def _first_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300] if lines else type(err).__name__

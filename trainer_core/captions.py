@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .events import first_line
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 8
@@ -86,7 +88,7 @@ def _load_blip(model_id: str, dtype):
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad model
         if Path(model_id).exists():
             raise CaptionerUnavailable(
-                f"cannot load the captioning model in {model_id} ({_first_line(e)})"
+                f"cannot load the captioning model in {model_id} ({first_line(e)})"
             ) from e
         # huggingface_hub would retry for minutes without network: a short connect decides.
         if _hub_offline() or not _hub_reachable():
@@ -97,7 +99,7 @@ def _load_blip(model_id: str, dtype):
         return load(local_only=False)
     except Exception as e:
         raise CaptionerUnavailable(
-            f"cannot download the captioning model {model_id} ({_first_line(e)})"
+            f"cannot download the captioning model {model_id} ({first_line(e)})"
         ) from e
 
 
@@ -175,8 +177,3 @@ def save_tiny_blip(out_dir: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -25,11 +25,45 @@ from .fileio import atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def class_cache_dir(model_key: str, class_prompt: str, resolution: int) -> Path:
-    """The shared cache folder for one (model, class prompt, resolution)."""
-    digest = hashlib.sha256(json.dumps([model_key, class_prompt, resolution]).encode()).hexdigest()[:16]
+def class_cache_dir(
+    model_key: str,
+    class_prompt: str,
+    resolution: int,
+    *,
+    vae: str | None = None,
+    steps: int = 25,
+    dtype: str = "float32",
+) -> Path:
+    """The shared cache folder for one (model, VAE, class prompt, resolution, sampler steps, dtype):
+    everything that shapes the images. (A training-only prediction_type override is not: class
+    images are always sampled with the base model's own schedule.)"""
+    key = [model_key, class_prompt, resolution]
+    extras = {k: v for k, v in (("vae", vae), ("steps", steps), ("dtype", dtype)) if v != _DEFAULTS[k]}
+    if extras:  # the defaults hash as before, so existing caches stay valid
+        key.append(extras)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = re.sub(r"[^a-z0-9]+", "-", class_prompt.lower()).strip("-")[:40] or "class"
     return studio_home() / "class_images" / f"{slug}-{resolution}-{digest}"
+
+
+_DEFAULTS = {"vae": None, "steps": 25, "dtype": "float32"}
+
+
+def class_image_dtype(device, mixed_precision: str) -> torch.dtype:
+    """Half precision on a GPU (as the reference scripts sample class images), fp32 elsewhere."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images from a pipeline's latents, decoded by its VAE in the VAE's own dtype (fp32 here:
+    half-precision VAEs overflow), outside any autocast."""
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        scaled = latents.to(vae.device, dtype=next(vae.parameters()).dtype) / vae.config.scaling_factor
+        pixels = vae.decode(scaled).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 def generate_class_images(
@@ -80,6 +114,8 @@ def generate_class_images(
             raise StopRequested(f"stopped while generating class images ({done}/{num_images})")
         indices = todo[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+        # With the UNet in half precision and the VAE in fp32, stop at latents and decode in fp32.
+        split = pipe.unet.dtype != pipe.vae.dtype
         with torch.inference_mode():
             images = pipe(
                 [class_prompt] * len(indices),
@@ -87,7 +123,10 @@ def generate_class_images(
                 height=resolution,
                 width=resolution,
                 generator=generators,
+                output_type="latent" if split else "pil",
             ).images
+            if split:
+                images = decode_latents(pipe, images)
         for index, image in zip(indices, images, strict=True):
             buf = io.BytesIO()
             image.save(buf, format="PNG")

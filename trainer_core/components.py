@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .events import TrainingError
+from .config import TINY_MODELS
+from .events import TrainingError, first_line
 from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
 ARCHITECTURES = ("sd15", "sdxl")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -231,13 +231,16 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, Any]:
     return build_sdxl(TINY_SDXL, seed)
 
 
-def is_sdxl(parts: dict[str, Any]) -> bool:
-    return parts.get("text_encoder_2") is not None
+def architecture(model: Any) -> str:
+    """ "sdxl" or "sd15" for loaded parts (a dict), a pipeline or a UNet: the one rule everywhere
+    is the UNet's, SDXL's takes the "text_time" added embedding (pooled prompt and image sizes).
+    (A single-file checkpoint, not loaded yet, is told by its tensor names: single_file_architecture.)"""
+    unet = model.get("unet") if isinstance(model, dict) else getattr(model, "unet", model)
+    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd15"
 
 
-def architecture(parts: dict[str, Any]) -> str:
-    """ "sdxl" or "sd15" for loaded parts."""
-    return "sdxl" if is_sdxl(parts) else "sd15"
+def is_sdxl(model: Any) -> bool:
+    return architecture(model) == "sdxl"
 
 
 def build_tiny_sd15(seed: int = 0) -> dict[str, Any]:
@@ -313,7 +316,7 @@ def tiny_model_dir(name: str) -> Path:
     """
     import fcntl
 
-    arch = name.removeprefix("tiny-")
+    arch = TINY_MODELS[name][0]
     path = studio_home() / "models" / name
     if (path / "model_index.json").exists():
         return path
@@ -407,7 +410,7 @@ def load_components(
         parts = _from_pretrained(loc, dtype, local_only=True)
     except (OSError, ValueError) as e:
         if source.kind != "hub":
-            raise TrainingError(f"Could not load the base model from {loc}: {_first_line(e)}") from e
+            raise TrainingError(f"Could not load the base model from {loc}: {first_line(e)}") from e
         # Not (fully) in the local cache. Without network, huggingface_hub would retry every
         # file for minutes before failing; a short connect to the Hub decides at once.
         if _hub_offline() or not _hub_reachable():
@@ -416,7 +419,7 @@ def load_components(
             parts = _from_pretrained(loc, dtype, local_only=False)
         except (OSError, ValueError) as e2:
             raise TrainingError(
-                f"Could not download the base model '{source.name}' from the Hugging Face Hub: {_first_line(e2)}"
+                f"Could not download the base model '{source.name}' from the Hugging Face Hub: {first_line(e2)}"
             ) from e2
     _check_layout(parts, source)
     return parts, source
@@ -437,16 +440,12 @@ def _from_pretrained(loc: str, dtype: torch.dtype, *, local_only: bool) -> dict[
         unet=unet,
         scheduler=DDPMScheduler.from_pretrained(loc, subfolder="scheduler", **kw),
     )
-    if _unet_is_sdxl(unet):
+    if is_sdxl(unet):
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(loc, subfolder="tokenizer_2", **kw)
         parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             loc, subfolder="text_encoder_2", dtype=dtype, **kw
         )
     return parts
-
-
-def _unet_is_sdxl(unet) -> bool:
-    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def load_vae(vae: str, *, dtype: torch.dtype = torch.float32):
@@ -469,7 +468,7 @@ def load_vae(vae: str, *, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError) as e:
         # As for base models: without network huggingface_hub would retry for minutes.
         if local:
-            raise TrainingError(f"Could not load the VAE from {vae}: {_first_line(e)}") from e
+            raise TrainingError(f"Could not load the VAE from {vae}: {first_line(e)}") from e
         if _hub_offline() or not _hub_reachable():
             raise TrainingError(
                 f"Could not load the VAE {vae} from the Hugging Face Hub (offline or not in the local cache)."
@@ -477,7 +476,7 @@ def load_vae(vae: str, *, dtype: torch.dtype = torch.float32):
     try:
         return AutoencoderKL.from_pretrained(loc, subfolder=subfolder, torch_dtype=dtype)
     except (OSError, ValueError) as e:
-        raise TrainingError(f"Could not download the VAE {vae}: {_first_line(e)}") from e
+        raise TrainingError(f"Could not download the VAE {vae}: {first_line(e)}") from e
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -505,7 +504,7 @@ def single_file_architecture(path: str | Path) -> str:
             keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error type for a bad header
         raise TrainingError(
-            f"Could not load the single-file checkpoint {Path(path).name}: {_first_line(e)}."
+            f"Could not load the single-file checkpoint {Path(path).name}: {first_line(e)}."
         ) from e
     # SDXL checkpoints hold a second text encoder ("conditioner.embedders.1") and the size embedding.
     sdxl = any(k.startswith("conditioner.embedders.1.") or ".label_emb." in k for k in keys)
@@ -531,7 +530,7 @@ def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | 
             else ""
         )
         raise TrainingError(
-            f"Could not load the single-file checkpoint {Path(source.location).name}: {_first_line(e)}{hint}."
+            f"Could not load the single-file checkpoint {Path(source.location).name}: {first_line(e)}{hint}."
         ) from e
     parts = dict(
         tokenizer=pipe.tokenizer,
@@ -549,7 +548,7 @@ def _load_single_file(source: ModelSource, *, dtype: torch.dtype, config: str | 
 def _check_layout(parts: dict[str, Any], source: ModelSource) -> None:
     """The UNet's cross-attention width must be the text encoder(s)' hidden size(s) together."""
     unet = parts["unet"]
-    if _unet_is_sdxl(unet) != is_sdxl(parts):
+    if is_sdxl(unet) != (parts.get("text_encoder_2") is not None):
         raise TrainingError(f"'{source.name}' has a UNet and text encoders of different architectures.")
     width = parts["text_encoder"].config.hidden_size
     if is_sdxl(parts):
@@ -560,11 +559,6 @@ def _check_layout(parts: dict[str, Any], source: ModelSource) -> None:
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def vae_scale_factor(vae) -> int:
@@ -588,11 +582,19 @@ def unet_lora_config(rank: int, alpha: float):
     )
 
 
-def text_encoder_lora_config(rank: int, alpha: float):
+def text_encoder_lora_config(rank: int, alpha: float, *, num_layers: int | None = None):
+    """LoRA for a CLIP text encoder's attention; with `num_layers`, only on its first `num_layers`
+    encoder layers (SDXL reads the first encoder's penultimate hidden state, so a LoRA on its last
+    layer would never get a gradient: dead weights, and under DDP an unfinished gradient reduction)."""
     from peft import LoraConfig
 
+    layers = dict(layers_to_transform=list(range(num_layers)), layers_pattern="layers") if num_layers else {}
     return LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ENCODER_LORA_TARGETS,
+        **layers,
     )
 
 
@@ -601,7 +603,10 @@ def add_lora(
 ) -> None:
     """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params.
 
-    With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA.
+    With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA, on the layers
+    whose output the UNet's conditioning uses: SDXL conditions on both encoders' penultimate hidden
+    states (plus the second one's pooled output, which runs through its last layer), so the first
+    encoder's last layer gets none.
     """
     encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     unet.requires_grad_(False)
@@ -609,8 +614,11 @@ def add_lora(
         te.requires_grad_(False)
     unet.add_adapter(unet_lora_config(rank, alpha))
     if train_text_encoder:
-        for te in encoders:
-            te.add_adapter(text_encoder_lora_config(rank, alpha))
+        sdxl = text_encoder_2 is not None
+        first_layers = text_encoder.config.num_hidden_layers - 1 if sdxl else None
+        text_encoder.add_adapter(text_encoder_lora_config(rank, alpha, num_layers=first_layers))
+        if sdxl:
+            text_encoder_2.add_adapter(text_encoder_lora_config(rank, alpha))
 
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:

@@ -24,6 +24,11 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SUBJECT_TYPES = ("person", "pet", "object", "style")
+# The built-in offline base models (built on first use, no download): id -> (architecture, label).
+TINY_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-sd15": ("sd15", "tiny-sd15 (offline test model, produces noise)"),
+    "tiny-sdxl": ("sdxl", "tiny-sdxl (offline test model, produces noise)"),
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

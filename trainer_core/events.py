@@ -83,3 +83,9 @@ class TrainingError(Exception):
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (or its type name), for a one-sentence message to the user."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__

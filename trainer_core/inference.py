@@ -137,8 +137,10 @@ def make_scheduler(name: str, config):
 
 
 def pipeline_architecture(pipe) -> str:
-    """ "sdxl" for a pipeline with a second text encoder, else "sd15"."""
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    """ "sdxl" or "sd15" (components.architecture: one rule for parts, pipelines and UNets)."""
+    from .components import architecture
+
+    return architecture(pipe)
 
 
 def native_size(pipe) -> int:
@@ -287,15 +289,14 @@ def _checkpoint_as_lora_file(pipe, checkpoint: Path, out: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from .checkpoints import read_state
+    from .checkpoints import read_state, split_components
 
     state = read_state(checkpoint) or {}
-    tensors = load_file(str(checkpoint / "lora.safetensors"))
+    parts = split_components(load_file(str(checkpoint / "lora.safetensors")))
     rank, alpha = int(state.get("rank", 0)), float(state.get("alpha", 0))
     kwargs: dict[str, Any] = {}
-    components = {key.split(".", 1)[0] for key in tensors}
-    for component in sorted(components):
-        part = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(component + ".")}
+    components = sorted(parts)
+    for component, part in parts.items():
         modules = sorted({k.rpartition(".lora_")[0] for k in part})
         r = rank or int(next(v for k, v in part.items() if k.endswith("lora_A.weight")).shape[0])
         config = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=modules)

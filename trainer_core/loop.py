@@ -1,17 +1,25 @@
 """The prior-preservation DreamBooth LoRA loop (SD 1.5 and SDXL), on accelerate.
 
-Read it top to bottom: `train()` loads the model, makes class images, caches VAE latents and prompt
-embeddings once, attaches LoRA, then runs the steps. SDXL adds a second text encoder, a pooled
-prompt embedding and per-image size conditioning (`add_time_ids`), all cached with the rest. Every
-random draw of a step (which photos, noise, timesteps, latent sample) comes from a generator seeded
-by (seed, micro-step, process), so a run stopped and resumed from a checkpoint takes exactly the
-steps an unbroken run takes.
+Read it top to bottom: `train()` opens the run, `_train` is its table of contents (resume check ->
+load -> class images -> cache -> attach LoRA -> restore -> fit -> finish), and each stage is a named
+function below it. `fit` runs the steps; `train_step` is one optimizer step and `compute_loss` the
+DreamBooth loss (instance + prior_loss_weight x class), a pure function tested on its own.
+
+SDXL adds a second text encoder, a pooled prompt embedding and per-image size conditioning
+(`add_time_ids`), all cached with the rest. Every random draw of a step (which photos, noise,
+timesteps, latent sample) comes from a generator seeded by (seed, micro-step, process), so a run
+stopped and resumed from a checkpoint takes exactly the steps an unbroken run takes.
+
+The step never waits for the device: losses and the NaN flag stay on it and are read in one host
+sync every `sync_interval` steps (every step on the CPU, where a sync is free) and always before a
+checkpoint, a validation round, the end or a stop, so no NaN ever reaches a saved file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import errno
+import json
 import logging
 import resource
 import sys
@@ -24,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters, checkpoints, runs, tracking
-from .class_images import class_cache_dir, generate_class_images
+from .class_images import class_cache_dir, class_image_dtype, decode_latents, generate_class_images
 from .components import (
     add_lora,
+    architecture,
     assemble_pipeline,
     default_resolution,
     load_components,
@@ -55,6 +64,9 @@ from .fileio import append_jsonl, atomic_write_json
 
 log = logging.getLogger(__name__)
 
+# Steps between host syncs on a GPU (losses and the NaN flag are read in one batch).
+CUDA_SYNC_INTERVAL = 10
+
 
 @dataclass
 class TrainResult:
@@ -65,6 +77,95 @@ class TrainResult:
     unet: Any = field(default=None, repr=False)
     text_encoder: Any = field(default=None, repr=False)
     text_encoder_2: Any = field(default=None, repr=False)  # SDXL's second text encoder
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run writes (see README, "What a run writes")."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+
+@dataclass
+class Models:
+    """The base model's parts (bare modules; SD 1.5 and SDXL alike) and the training noise schedule."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # a copy for training: a prediction_type override never reaches sampling
+    parts: dict[str, Any]  # as loaded, for pipelines (class images, validation)
+    text_encoder_2: Any = None  # SDXL
+    tokenizer_2: Any = None
+
+    @property
+    def text_encoders(self) -> list:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        return [tok for tok in (self.tokenizer, self.tokenizer_2) if tok is not None]
+
+    def lora_models(self, train_text_encoder: bool) -> dict[str, Any]:
+        """`{component: model}` of the models that carry a trained LoRA."""
+        out = {"unet": self.unet}
+        if train_text_encoder:
+            out.update(text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class Trainer:
+    """What the optimizer steps: the prepared (DDP-wrapped under several processes) trained models."""
+
+    unet: Any
+    text_encoders: list  # the trained text encoders, prepared; [] when they are frozen
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    weight_dtype: torch.dtype
+
+    @property
+    def modules(self) -> list:
+        return [self.unet, *self.text_encoders]
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    seconds_before: float = 0.0  # wall time of earlier segments (resume)
+    started: float = field(default_factory=time.perf_counter)
+    last: dict[str, float] = field(default_factory=dict)  # the last logged losses
+    stopped: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
 
 @dataclass
@@ -86,29 +187,23 @@ class _Cache:
     class_time_ids: list[torch.Tensor] | None = None
 
 
-def run_paths(output_dir: Path) -> dict[str, Path]:
-    return {
-        "config": output_dir / "config.json",
-        "status": output_dir / "status.json",
-        "metrics": output_dir / "metrics.jsonl",
-        "samples": output_dir / "samples",
-        "checkpoints": output_dir / "checkpoints",
-        "adapter": output_dir / "adapter",
-    }
-
-
 def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
-    atomic_write_json(
-        path,
-        {
-            "status": status,
-            "step": step,
-            "total_steps": total,
-            "message": message,
-            "updated": time.time(),
-            **extra,
-        },
-    )
+    value = {
+        "status": status,
+        "step": step,
+        "total_steps": total,
+        "message": message,
+        "updated": time.time(),
+        **extra,
+    }
+    try:
+        atomic_write_json(path, value)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        # A full disk has no room for the temporary file of an atomic write; overwriting the old
+        # status in place reuses its space, so the run is not left reading "running" forever.
+        path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = never_stop) -> TrainResult:
@@ -119,8 +214,7 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
     """
     from accelerate import Accelerator
 
-    out = Path(config.output_dir)
-    paths = run_paths(out)
+    paths = RunPaths(Path(config.output_dir))
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("fp16 mixed precision needs a CUDA GPU; use bf16 or no mixed precision here.")
     if config.compile_unet and not torch.cuda.is_available():
@@ -129,37 +223,47 @@ def train(config: TrainConfig, emit: Emit = no_emit, should_stop: ShouldStop = n
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=tracking.resolve_report_to(config.report_to) or None,
-        project_config=tracking.project_configuration(out),
+        project_config=tracking.project_configuration(paths.root),
     )
     main = accelerator.is_main_process
     if not main:
         emit = no_emit
     try:
         if main:
-            out.mkdir(parents=True, exist_ok=True)
-            config.save(paths["config"])
-            runs.mark_run_started(out)
-            write_status(paths["status"], "running", 0, config.max_train_steps, "starting")
+            paths.root.mkdir(parents=True, exist_ok=True)
+            config.save(paths.config)
+            runs.mark_run_started(paths.root)
+            write_status(paths.status, "running", 0, config.max_train_steps, "starting")
         tracking.start_trackers(accelerator, config)
         return _train(config, accelerator, paths, emit, should_stop)
     except StopRequested as e:
         if main:
             # Only raised before the first step (class images); later stops save and return.
-            write_status(paths["status"], "stopped", 0, config.max_train_steps, str(e))
+            write_status(paths.status, "stopped", 0, config.max_train_steps, str(e))
         emit(Finished("stopped", {"steps": 0, "message": str(e)}))
         return TrainResult("stopped", {"steps": 0, "message": str(e), "adapter_dir": None}, None)
     except TrainingError as e:
         if main:
-            write_status(paths["status"], "failed", e.step or 0, config.max_train_steps, str(e))
+            with contextlib.suppress(OSError):  # the error itself may be a full disk
+                write_status(paths.status, "failed", e.step or 0, config.max_train_steps, str(e))
         emit(Failed(str(e), e.step))
         raise
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        msg = f"The disk is full ({e.strerror}); free disk space and resume from the last checkpoint."
+        if main:
+            with contextlib.suppress(OSError):
+                write_status(paths.status, "failed", 0, config.max_train_steps, msg)
+        emit(Failed(msg))
+        raise TrainingError(msg) from e
     except torch.cuda.OutOfMemoryError as e:
         msg = (
             "The GPU ran out of memory; lower the resolution or batch size, or turn on gradient "
             "checkpointing and 8-bit Adam, then resume from the last checkpoint."
         )
         if main:
-            write_status(paths["status"], "failed", 0, config.max_train_steps, msg)
+            write_status(paths.status, "failed", 0, config.max_train_steps, msg)
         emit(Failed(msg))
         raise TrainingError(msg) from e
     finally:
@@ -180,21 +284,46 @@ def _release_accelerator_state() -> None:
     GradientState._reset_state()
 
 
-def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit, should_stop: ShouldStop):
-    main = accelerator.is_main_process
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
-
-    # 1. Resume compatibility is checked before anything slow happens.
-    resume_state = None
+def _train(config: TrainConfig, accelerator, paths: RunPaths, emit: Emit, should_stop: ShouldStop):
+    # Resume compatibility is checked (and the checkpoint read) before anything slow happens.
+    resume = None
     if config.resume_from_checkpoint:
-        ckpt_path = checkpoints.find_checkpoint(paths["checkpoints"], config.resume_from_checkpoint)
-        resume_state = (ckpt_path, *checkpoints.load_checkpoint(ckpt_path))
-        checkpoints.check_resume_compatible(resume_state[1], _resume_identity(config), ckpt_path)
+        resume = checkpoints.open_for_resume(
+            paths.checkpoints, config.resume_from_checkpoint, checkpoints.resume_identity(config)
+        )
+    models, source = load_models(config, accelerator, emit)
+    resolution = config.resolution or default_resolution(models.unet, models.vae)
+    examples = load_instance_examples(config.instance_dir, config.instance_prompt)
+    class_paths: list[Path] = []
+    if config.with_prior_preservation:
+        class_paths = prepare_class_images(config, models, source, resolution, accelerator, emit, should_stop)
+    cache = _build_cache(
+        config,
+        examples,
+        class_paths,
+        models.tokenizers,
+        models.text_encoders,
+        models.vae,
+        resolution,
+        accelerator.device,
+        emit,
+    )
+    offload_frozen(config, models)
+    trainer = attach_lora(config, models, accelerator)
+    state = restore(config, accelerator, models, trainer, resume, emit)
+    fit(config, accelerator, paths, models, trainer, cache, state, resolution, emit, should_stop)
+    return finish(config, accelerator, paths, models, state, resolution, emit)
 
-    # 2. Base model parts, all frozen.
+
+# ---------------------------------------------------------------------------------------------
+# Stages before the first step
+# ---------------------------------------------------------------------------------------------
+
+
+def load_models(config: TrainConfig, accelerator, emit: Emit):
+    """The base model's parts, all frozen, and where they came from."""
+    from diffusers import DDPMScheduler
+
     emit(StageStarted("load", f"loading {config.base_model}"))
     # A built-in tiny model is built on first use; do that on the main process alone: under a
     # process group transformers writes weights only from rank 0, so another rank would save a
@@ -204,83 +333,121 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
     parts, source = load_components(config.base_model, single_file_config=config.single_file_config)
     if config.pretrained_vae:
         parts["vae"] = load_vae(config.pretrained_vae)
-    tokenizer, text_encoder, vae, unet = (
-        parts["tokenizer"],
-        parts["text_encoder"],
-        parts["vae"],
-        parts["unet"],
+    override = {"prediction_type": config.prediction_type} if config.prediction_type else {}
+    models = Models(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        noise_scheduler=DDPMScheduler.from_config(parts["scheduler"].config, **override),
+        parts=parts,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
     )
-    # SDXL: a second tokenizer and text encoder (None for SD 1.5).
-    tokenizer_2, text_encoder_2 = parts.get("tokenizer_2"), parts.get("text_encoder_2")
-    text_encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
-    noise_scheduler = parts["scheduler"]
-    if config.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
-    for m in (*text_encoders, vae, unet):
+    for m in (*models.text_encoders, models.vae, models.unet):
         m.requires_grad_(False)
         m.eval()
-    resolution = config.resolution or default_resolution(unet, vae)
-    examples = load_instance_examples(config.instance_dir, config.instance_prompt)
+    return models, source
 
-    # 3. Class images (generated by the base model before any LoRA is attached).
-    class_paths: list[Path] = []
-    if config.with_prior_preservation:
-        class_paths = _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop)
 
-    # 4. Latents and prompt embeddings, computed once; then the VAE leaves the device. The VAE
-    # runs in fp32 (loaded so, never cast): SDXL's overflows to NaN in fp16.
-    cache = _build_cache(
-        config,
-        examples,
-        class_paths,
-        [tokenizer, tokenizer_2] if text_encoder_2 is not None else [tokenizer],
-        text_encoders,
-        vae,
-        resolution,
-        device,
-        emit,
-    )
-    vae.to("cpu")
+def prepare_class_images(
+    config, models: Models, source, resolution, accelerator, emit, should_stop
+) -> list[Path]:
+    """Class images made by the base model (before any LoRA is attached), in half precision on a
+    GPU; from `class_data_dir` or the shared cache, whose key names everything that shapes them."""
+    device = accelerator.device
+    dtype = class_image_dtype(device, accelerator.mixed_precision)
+    if config.class_data_dir:
+        class_dir = Path(config.class_data_dir)
+    else:
+        class_dir = class_cache_dir(
+            f"{source.kind}:{source.location}",
+            config.class_prompt,
+            resolution,
+            vae=config.pretrained_vae,
+            steps=config.class_generation_steps,
+            dtype=str(dtype).removeprefix("torch."),
+        )
+    if accelerator.is_main_process:
+
+        def factory():
+            pipe = assemble_pipeline(models.parts).to(device)
+            # The VAE stays fp32 (SDXL's overflows in half); decode_latents decodes in fp32.
+            for m in (models.unet, *models.text_encoders):
+                m.to(dtype=dtype)
+            return pipe
+
+        try:
+            generate_class_images(
+                factory,
+                config.class_prompt,
+                class_dir,
+                config.num_class_images,
+                resolution=resolution,
+                seed=config.seed,
+                num_inference_steps=config.class_generation_steps,
+                batch_size=config.class_generation_batch_size,
+                emit=emit,
+                should_stop=should_stop,
+            )
+        finally:
+            for m in (models.unet, *models.text_encoders):
+                m.to(dtype=torch.float32)
+    accelerator.wait_for_everyone()
+    found = list_images(class_dir)[: config.num_class_images]
+    if len(found) < config.num_class_images:
+        raise TrainingError(
+            f"Only {len(found)} class images in {class_dir}, {config.num_class_images} needed."
+        )
+    return found
+
+
+def offload_frozen(config: TrainConfig, models: Models) -> None:
+    """The VAE (and frozen text encoders) are done once the cache is built: off the device."""
+    models.vae.to("cpu")
     if not config.train_text_encoder:
-        for te in text_encoders:
+        for te in models.text_encoders:
             te.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    # 5. LoRA on the UNet attention (and optionally the text encoder); LoRA params stay fp32.
-    # peft draws lora_A from torch's global RNG: seed it, or one seed gives different runs.
-    from accelerate.utils import set_seed
 
+def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
+    """LoRA on the UNet attention (and optionally the text encoders), LoRA params in fp32 over
+    frozen weights in the training dtype; the optimizer, the lr schedule, accelerate's prepare."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    # peft draws lora_A from torch's global RNG: seed it, or one seed gives different runs.
     set_seed(config.seed)
     add_lora(
-        unet,
-        text_encoder,
+        models.unet,
+        models.text_encoder,
         rank=config.rank,
         alpha=config.lora_alpha,
         train_text_encoder=config.train_text_encoder,
-        text_encoder_2=text_encoder_2,
+        text_encoder_2=models.text_encoder_2,
     )
+    trained = [models.unet, *(models.text_encoders if config.train_text_encoder else [])]
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
-    unet.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
-    if config.train_text_encoder:
-        for te in text_encoders:
-            te.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
-
-    trained = [unet, *text_encoders] if config.train_text_encoder else [unet]
+    for m in trained:
+        m.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     cast_training_params(trained, dtype=torch.float32)
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            for te in text_encoders:
-                te.gradient_checkpointing_enable()
+        models.unet.enable_gradient_checkpointing()
+        for te in trained[1:]:
+            te.gradient_checkpointing_enable()
     if config.enable_xformers:
-        _enable_xformers(unet)
+        _enable_xformers(models.unet)
     if config.compile_unet:
         # In place, block by block (diffusers' _repeated_blocks): one compiled graph serves every
         # transformer block, the module tree and state-dict names stay as they are for saving.
-        unet.compile_repeated_blocks()
+        models.unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
     optimizer = _make_optimizer(config, params)
@@ -290,252 +457,442 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=config.max_train_steps,
     )
-    # The lr scheduler is stepped by hand once per optimizer step, so it is not prepared.
-    if config.train_text_encoder:
-        unet, *text_encoders, optimizer = accelerator.prepare(unet, *text_encoders, optimizer)
-        text_encoder = text_encoders[0]
-        text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    # The prepared (DDP-wrapped) models: accumulate() skips their gradient all-reduce between
-    # micro-steps only when it is given these, not the bare modules.
-    trained = [unet, *text_encoders] if config.train_text_encoder else [unet]
+    # The lr scheduler is stepped by hand once per optimizer step, so it is not prepared. The
+    # prepared (DDP-wrapped) models go to accumulate(): it skips their gradient all-reduce between
+    # micro-steps only when given these, not the bare modules.
+    prepared = accelerator.prepare(*trained, optimizer)
+    *modules, optimizer = prepared
+    return Trainer(modules[0], modules[1:], optimizer, lr_scheduler, params, weight_dtype)
 
-    global_step, seconds_before = 0, 0.0
-    if resume_state is not None:
-        ckpt_path, state, lora_state, optimizer_state, scheduler_state = resume_state
-        _load_lora_state(
-            accelerator.unwrap_model(unet),
-            accelerator.unwrap_model(text_encoder),
-            lora_state,
-            text_encoder_2=accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None,
-        )
-        optimizer.load_state_dict(optimizer_state)
-        lr_scheduler.load_state_dict(scheduler_state)
-        global_step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
-        emit(StageStarted("train", f"resumed from {ckpt_path.name} at step {global_step}"))
 
-    # 6. The steps.
-    emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
-    world, rank_ = accelerator.num_processes, accelerator.process_index
-    batch = config.train_batch_size
-    last: dict[str, float] = {}
-    validate = functools.partial(
-        _validate,
-        config,
-        accelerator,
-        paths,
-        unet=unet,
-        text_encoder=text_encoder,
-        vae=vae,
-        tokenizer=tokenizer,
-        noise_scheduler=noise_scheduler,
-        resolution=resolution,
-        emit=emit,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-    )
-    t0 = time.perf_counter()
-    stopped = False
-    unet.train()
-    if config.train_text_encoder:
-        for te in text_encoders:
-            te.train()
+def restore(
+    config: TrainConfig, accelerator, models: Models, trainer: Trainer, ckpt, emit: Emit
+) -> TrainState:
+    """A fresh state, or the checkpoint's LoRA, optimizer, scheduler and scaler state.
+
+    The saved optimizer and scheduler carry the old run's learning rate and weight decay; this run's
+    settings win (so "lower the learning rate and resume" does what it says), and the lr column of
+    metrics.jsonl records the rate each step used.
+    """
+    if ckpt is None:
+        return TrainState()
+    checkpoints.load_lora_state(models.lora_models(config.train_text_encoder), ckpt.lora)
+    optimizer, lr_scheduler = trainer.optimizer, trainer.lr_scheduler
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt.optimizer)
+    lr_scheduler.load_state_dict(ckpt.scheduler)
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)
+    lr_scheduler.base_lrs = [hyper["initial_lr"] for hyper in fresh]
+    for group, base, factor in zip(
+        optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    if ckpt.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt.scaler)
+    state = TrainState(step=ckpt.step, seconds_before=float(ckpt.state.get("seconds", 0.0)))
+    note = ""
+    old_lr = ckpt.state.get("learning_rate")
+    if old_lr is not None and old_lr != config.learning_rate:
+        note = f"; learning rate {old_lr:g} -> {config.learning_rate:g}"
+    emit(StageStarted("train", f"resumed from {ckpt.path.name} at step {state.step}{note}"))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------------------------
+
+
+def sync_interval(config: TrainConfig, device) -> int:
+    """Steps between host syncs: every step on the CPU (free there), else a batch of steps."""
+    return 1 if torch.device(device).type == "cpu" else max(config.logging_steps, CUDA_SYNC_INTERVAL)
+
+
+def fit(
+    config,
+    accelerator,
+    paths: RunPaths,
+    models: Models,
+    trainer: Trainer,
+    cache,
+    state: TrainState,
+    resolution: int,
+    emit: Emit,
+    should_stop: ShouldStop,
+) -> None:
+    """Optimizer steps until max_train_steps or a stop; checkpoints and validation rounds on the way."""
+    main = accelerator.is_main_process
+    total = config.max_train_steps
+    emit(StageStarted("train", f"training {total} steps", total=total))
+    every = sync_interval(config, accelerator.device)
+    pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, seconds, device losses)
+    state.started = time.perf_counter()
+    for m in trainer.modules:
+        m.train()
     if main:
-        write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
+        write_status(paths.status, "running", state.step, total, "training")
     status_written = time.monotonic()
-    while global_step < config.max_train_steps:
-        sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
-        for micro in range(config.gradient_accumulation_steps):
-            # One generator per (micro-step, process): resumable and different on each GPU.
-            micro_index = global_step * config.gradient_accumulation_steps + micro
-            gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
-            slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
-            with accelerator.accumulate(*trained):
-                latents, prompt_embeds, added_cond = _make_batch(
-                    cache,
-                    slots,
-                    config,
-                    gen,
-                    device,
-                    weight_dtype,
-                    text_encoders if config.train_text_encoder else None,
-                )
-                # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
-                # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                if config.noise_offset:
-                    noise += config.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen
-                    ).to(device)
-                timesteps = torch.randint(
-                    0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
-                ).to(device)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                noise_pred = unet(
-                    noisy_latents.to(weight_dtype), timesteps, prompt_embeds, added_cond_kwargs=added_cond
-                ).sample
-                # Per-sample MSE, optionally min-SNR weighted; instance and class halves apart.
-                per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(
-                    dim=(1, 2, 3)
-                )
-                if config.snr_gamma is not None:
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    weights = torch.clamp(snr, max=config.snr_gamma) / snr
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        weights = torch.clamp(snr, max=config.snr_gamma) / (snr + 1)
-                    per_sample = per_sample * weights
-                if config.with_prior_preservation:
-                    instance_loss, prior_loss = per_sample[:batch].mean(), per_sample[batch:].mean()
-                    loss = instance_loss + config.prior_loss_weight * prior_loss
-                else:
-                    instance_loss, prior_loss = per_sample.mean(), torch.zeros((), device=device)
-                    loss = instance_loss
-                # A NaN/inf loss stops the run before it can reach the weights or a saved file.
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
-                if finite.item() < 1:
-                    raise TrainingError(
-                        f"The loss became NaN or infinite at step {global_step + 1}; lower the learning rate "
-                        "(or use bf16 instead of fp16) and resume from the last checkpoint.",
-                        step=global_step + 1,
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            stacked = torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach()]).float()
-            stacked = accelerator.reduce(stacked, "mean")
-            for key, value in zip(sums, stacked.tolist(), strict=True):
-                sums[key] += value / config.gradient_accumulation_steps
-        lr_now = lr_scheduler.get_last_lr()[0]
-        lr_scheduler.step()
-        global_step += 1
-        last = sums
-        seconds = seconds_before + time.perf_counter() - t0
-
-        if global_step % config.logging_steps == 0 or global_step == config.max_train_steps:
-            prior = sums["prior_loss"] if config.with_prior_preservation else None
-            metrics = StepMetrics(
-                global_step,
-                config.max_train_steps,
-                sums["loss"],
-                sums["instance_loss"],
-                prior,
-                lr_now,
-                round(seconds, 3),
-            )
-            if main:
-                row = {
-                    "step": global_step,
-                    "loss": sums["loss"],
-                    "instance_loss": sums["instance_loss"],
-                    "prior_loss": prior,
-                    "lr": lr_now,
-                    "seconds": round(seconds, 3),
-                }
-                append_jsonl(paths["metrics"], row)
-                tracking.log_step(accelerator, row)
-            emit(metrics)
-        stop_now = _agree_on_stop(accelerator, should_stop())
+    stop_asked = False
+    while state.step < total:
+        lr_now = trainer.lr_scheduler.get_last_lr()[0]
+        losses = train_step(config, accelerator, models, trainer, cache, state.step)
+        state.step += 1
+        pending.append((state.step, lr_now, round(state.seconds, 3), losses))
+        checkpoint_now = checkpoint_due(config, state.step)
+        validate_now = validation_due(config, state.step)
+        stop_asked = stop_asked or should_stop()
+        sync_now = state.step % every == 0 or checkpoint_now or validate_now or state.step == total
+        if accelerator.num_processes == 1:
+            sync_now = sync_now or stop_asked
+        if not sync_now:
+            continue
+        log_steps(config, accelerator, paths, state, pending, emit)
+        pending.clear()
+        stop_now = _agree_on_stop(accelerator, stop_asked)
         if main and (stop_now or time.monotonic() - status_written > 2.0):
-            write_status(paths["status"], "running", global_step, config.max_train_steps, "training")
+            write_status(paths.status, "running", state.step, total, "training")
             status_written = time.monotonic()
         # A stop, and the end, always leave a resumable checkpoint (so a run can be continued).
-        if (
-            stop_now
-            or global_step == config.max_train_steps
-            or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0)
-        ):
-            _save_checkpoint(
-                config,
-                accelerator,
-                paths,
-                global_step,
-                unet,
-                text_encoder,
-                optimizer,
-                lr_scheduler,
-                seconds,
-                emit,
-                text_encoder_2=text_encoder_2,
-            )
-        if (
-            config.validation_steps
-            and global_step % config.validation_steps == 0
-            and global_step < config.max_train_steps
-        ):
-            validate(global_step)
+        if stop_now or checkpoint_now or state.step == total:
+            save_checkpoint(config, accelerator, paths, models, trainer, state, emit)
+        if validate_now and state.step < total:
+            validate(config, accelerator, paths, models, state.step, resolution, emit)
         if stop_now:
-            stopped = True
-            break
+            state.stopped = True
+            return
 
-    # 7. Final samples and the adapter.
-    unet_model = accelerator.unwrap_model(unet)
-    te_model = accelerator.unwrap_model(text_encoder)
-    te2_model = accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None
-    seconds = seconds_before + time.perf_counter() - t0
-    status = "stopped" if stopped else "finished"
+
+def checkpoint_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0
+
+
+def validation_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.validation_steps) and step % config.validation_steps == 0
+
+
+def train_step(config, accelerator, models: Models, trainer: Trainer, cache, step: int) -> torch.Tensor:
+    """One optimizer step over `gradient_accumulation_steps` micro-batches.
+
+    Returns (loss, instance_loss, prior_loss, finite) averaged over the micro-batches and processes,
+    still on the device (no host sync here).
+    """
+    world, rank_ = accelerator.num_processes, accelerator.process_index
+    accum, batch = config.gradient_accumulation_steps, config.train_batch_size
+    device, noise_scheduler = accelerator.device, models.noise_scheduler
+    total = torch.zeros(4, device=device)
+    for micro in range(accum):
+        # One generator per (micro-step, process): resumable and different on each GPU.
+        micro_index = step * accum + micro
+        gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
+        slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
+        with accelerator.accumulate(*trainer.modules):
+            latents, prompt_embeds, added_cond = _make_batch(
+                cache,
+                slots,
+                config,
+                gen,
+                device,
+                trainer.weight_dtype,
+                trainer.text_encoders if config.train_text_encoder else None,
+            )
+            # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
+            # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            if config.noise_offset:
+                noise += config.noise_offset * torch.randn(
+                    (latents.shape[0], latents.shape[1], 1, 1), generator=gen
+                ).to(device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+            ).to(device)
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+            target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+            noise_pred = trainer.unet(
+                noisy_latents.to(trainer.weight_dtype), timesteps, prompt_embeds, added_cond_kwargs=added_cond
+            ).sample
+            weights = None
+            if config.snr_gamma is not None:
+                weights = snr_weights(noise_scheduler, timesteps, config.snr_gamma)
+            loss, instance_loss, prior_loss = compute_loss(
+                noise_pred,
+                target,
+                instance_count=batch if config.with_prior_preservation else latents.shape[0],
+                prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
+                weights=weights,
+            )
+            # A NaN/inf loss is flagged on the device; the run stops at the next host sync, which
+            # comes before any checkpoint or adapter is written.
+            finite = torch.isfinite(loss.detach())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainer.params, config.max_grad_norm)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+        stacked = torch.stack([loss.detach(), instance_loss.detach(), prior_loss.detach(), finite.float()])
+        total += stacked.float() / accum
+    step_lr_scheduler(accelerator, trainer.lr_scheduler)
+    # One all-reduce, on the device: "finite" is the fraction of finite micro-losses, 1.0 when all were.
+    return accelerator.reduce(total, "mean")
+
+
+def compute_loss(
+    noise_pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    instance_count: int,
+    prior_loss_weight: float,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DreamBooth loss: (total, instance, prior).
+
+    The batch is laid out instance samples first, then class samples (`_make_batch`'s collate
+    order): rows [:instance_count] are the instance half, the rest the class half (none without
+    prior preservation). Each sample's MSE over (C, H, W) is weighted by `weights` (min-SNR) when
+    given; each half is averaged; total = instance + prior_loss_weight * prior.
+    """
+    per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    instance_loss = per_sample[:instance_count].mean()
+    if per_sample.shape[0] > instance_count:
+        prior_loss = per_sample[instance_count:].mean()
+    else:
+        prior_loss = torch.zeros((), device=per_sample.device)
+    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
+
+
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), as diffusers' training scripts compute them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def step_lr_scheduler(accelerator, lr_scheduler) -> None:
+    """Advance the lr schedule, unless fp16's grad scaler skipped the optimizer step (inf/NaN
+    gradients): then no update happened and the schedule must not move either."""
+    if not accelerator.optimizer_step_was_skipped:
+        lr_scheduler.step()
+
+
+def log_steps(config, accelerator, paths: RunPaths, state: TrainState, pending: list, emit: Emit) -> None:
+    """The host sync: read the pending steps' losses, stop on a non-finite one, log the rest."""
+    if not pending:
+        return
+    values = torch.stack([losses for *_, losses in pending]).cpu().tolist()
+    for (step, lr, seconds, _), (loss, instance_loss, prior_loss, finite) in zip(
+        pending, values, strict=True
+    ):
+        if finite < 1.0:
+            raise TrainingError(
+                f"The loss became NaN or infinite at step {step}; lower the learning rate "
+                "(or use bf16 instead of fp16) and resume from the last checkpoint.",
+                step=step,
+            )
+        state.last = {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+        if step % config.logging_steps and step != config.max_train_steps:
+            continue
+        prior = prior_loss if config.with_prior_preservation else None
+        if accelerator.is_main_process:
+            row = {
+                "step": step,
+                "loss": loss,
+                "instance_loss": instance_loss,
+                "prior_loss": prior,
+                "lr": lr,
+                "seconds": seconds,
+            }
+            append_jsonl(paths.metrics, row)
+            tracking.log_step(accelerator, row)
+        emit(StepMetrics(step, config.max_train_steps, loss, instance_loss, prior, lr, seconds))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, validation, the end
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    config, accelerator, paths: RunPaths, models: Models, trainer: Trainer, state: TrainState, emit: Emit
+) -> None:
+    """A resumable checkpoint (main process; the others wait); a full disk is one sentence."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        step = state.step
+        emit(StageStarted("save", f"saving checkpoint {step}"))
+        scaler = accelerator.scaler
+        try:
+            path = checkpoints.save_checkpoint(
+                paths.checkpoints,
+                step,
+                lora_state=checkpoints.lora_state(models.lora_models(config.train_text_encoder)),
+                optimizer_state=trainer.optimizer.state_dict(),
+                scheduler_state=trainer.lr_scheduler.state_dict(),
+                scaler_state=scaler.state_dict() if scaler is not None else None,
+                state={
+                    **checkpoints.resume_identity(config),
+                    "architecture": architecture(models.parts),
+                    "learning_rate": config.learning_rate,
+                    "seconds": state.seconds,
+                    "max_train_steps": config.max_train_steps,
+                },
+                total_limit=config.checkpoints_total_limit,
+            )
+        except OSError as e:
+            raise TrainingError(
+                f"Could not save checkpoint {step} ({e.strerror or e}); free disk space and resume: "
+                "the previous checkpoint is kept.",
+                step=step,
+            ) from e
+        emit(CheckpointSaved(step, str(path)))
+        emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def validate(config, accelerator, paths: RunPaths, models: Models, step: int, resolution: int, emit: Emit):
+    """Validation images with and without the token, same seeds at every step so they compare."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process or config.num_validation_images == 0:
+        return None
+    from diffusers import DPMSolverMultistepScheduler
+
+    emit(StageStarted("validate", f"validation images at step {step}"))
+    device = accelerator.device
+    te_devices = [next(te.parameters()).device for te in models.text_encoders]
+    models.vae.to(device)
+    models.unet.eval()
+    for te in models.text_encoders:
+        te.to(device)
+        te.eval()
+    parts = {**models.parts, "unet": models.unet, "vae": models.vae}
+    # Sampling uses the base model's own schedule config, never the training copy's override.
+    scheduler = DPMSolverMultistepScheduler.from_config(models.parts["scheduler"].config)
+    pipe = assemble_pipeline(parts, scheduler=scheduler)
+    out_dir = paths.samples / f"step-{step:06d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompt = config.effective_validation_prompt
+    variants = [("with", prompt)]
+    plain = config.prompt_without_token(prompt)
+    if plain:
+        variants.append(("without", plain))
+    saved, images = [], {}
+    # Under autocast the VAE would decode in half precision, where SDXL's overflows (black or NaN
+    # images): the pipeline stops at latents and the fp32 VAE decodes them outside autocast.
+    half = accelerator.mixed_precision != "no"
+    for label, text in variants:
+        for i in range(config.num_validation_images):
+            with accelerator.autocast() if half else contextlib.nullcontext():
+                image = pipe(
+                    text,
+                    num_inference_steps=config.validation_inference_steps,
+                    height=resolution,
+                    width=resolution,
+                    generator=torch.Generator().manual_seed(config.seed + i),
+                    output_type="latent" if half else "pil",
+                ).images[0]
+            if half:
+                image = decode_latents(pipe, image[None])[0]
+            target = out_dir / f"{label}-token-{i}.png"
+            image.save(target)
+            saved.append(str(target))
+            images.setdefault(f"{label}_token", []).append(image)
+    models.vae.to("cpu")
+    models.unet.train()
+    for te, te_device in zip(models.text_encoders, te_devices, strict=True):
+        te.to(te_device)
+        if config.train_text_encoder:
+            te.train()
+    tracking.log_samples(accelerator, step, images)
+    emit(SamplesSaved(step, saved))
+    emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
+    return out_dir
+
+
+def finish(
+    config, accelerator, paths: RunPaths, models: Models, state: TrainState, resolution: int, emit: Emit
+) -> TrainResult:
+    """Final samples, the adapter folder, the run summary and status."""
+    main = accelerator.is_main_process
+    status = "stopped" if state.stopped else "finished"
+    seconds = state.seconds
     adapter_dir = None
-    if global_step > 0:
-        sample_dir = validate(global_step)
+    if state.step > 0:
+        sample_dir = validate(config, accelerator, paths, models, state.step, resolution, emit)
         if main:
             emit(StageStarted("save", "saving the adapter"))
-            name = config.adapter_name or adapters.default_adapter_name(config.instance_prompt)
-            adapter_dir = adapters.save_adapter(
-                paths["adapter"],
-                unet=unet_model,
-                text_encoder=te_model if config.train_text_encoder else None,
-                text_encoder_2=te2_model if config.train_text_encoder else None,
-                name=name,
-                metadata={
-                    "base_model": config.base_model,
-                    "instance_prompt": config.instance_prompt,
-                    "token": config.identifier_token,
-                    "class_prompt": config.class_prompt,
-                    "with_prior_preservation": config.with_prior_preservation,
-                    "steps": global_step,
-                    "resolution": resolution,
-                    "final_loss": last.get("loss"),
-                    "final_instance_loss": last.get("instance_loss"),
-                    "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
-                },
-                config_json=config.to_json(),
-                metrics_file=paths["metrics"],
-                samples_dir=sample_dir,
-            )
+            adapter_dir = _save_adapter(config, paths, models, state, resolution, sample_dir)
     accelerator.wait_for_everyone()
+    final = {
+        "final_loss": state.last.get("loss"),
+        "final_instance_loss": state.last.get("instance_loss"),
+        "final_prior_loss": state.last.get("prior_loss") if config.with_prior_preservation else None,
+    }
     summary = {
         "status": status,
         "adapter_dir": str(adapter_dir) if adapter_dir else None,
-        "run_dir": str(paths["config"].parent),
-        "steps": global_step,
-        "final_loss": last.get("loss"),
-        "final_instance_loss": last.get("instance_loss"),
-        "final_prior_loss": last.get("prior_loss") if config.with_prior_preservation else None,
+        "run_dir": str(paths.root),
+        "steps": state.step,
+        **final,
         "seconds": round(seconds, 3),
         "peak_rss_mb": _peak_rss_mb(),
     }
     if torch.cuda.is_available():
         summary["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if main:
-        runs.finish_run(paths["config"].parent, summary, config.to_dict())
-        write_status(
-            paths["status"],
-            status,
-            global_step,
-            config.max_train_steps,
-            "stopped by request" if stopped else "done",
-            summary=summary,
-        )
+        runs.finish_run(paths.root, summary, config.to_dict())
+        message = "stopped by request" if state.stopped else "done"
+        write_status(paths.status, status, state.step, config.max_train_steps, message, summary=summary)
     emit(Finished(status, summary))
     return TrainResult(
-        status, summary, adapter_dir, unet=unet_model, text_encoder=te_model, text_encoder_2=te2_model
+        status,
+        summary,
+        adapter_dir,
+        unet=models.unet,
+        text_encoder=models.text_encoder,
+        text_encoder_2=models.text_encoder_2,
     )
+
+
+def _save_adapter(config, paths: RunPaths, models: Models, state: TrainState, resolution, sample_dir) -> Path:
+    name = config.adapter_name or adapters.default_adapter_name(config.instance_prompt)
+    lora = models.lora_models(config.train_text_encoder)
+    try:
+        return adapters.save_adapter(
+            paths.adapter,
+            unet=models.unet,
+            text_encoder=lora.get("text_encoder"),
+            text_encoder_2=lora.get("text_encoder_2"),
+            name=name,
+            metadata={
+                "base_model": config.base_model,
+                "instance_prompt": config.instance_prompt,
+                "token": config.identifier_token,
+                "class_prompt": config.class_prompt,
+                "with_prior_preservation": config.with_prior_preservation,
+                "steps": state.step,
+                "resolution": resolution,
+                "final_loss": state.last.get("loss"),
+                "final_instance_loss": state.last.get("instance_loss"),
+                "final_prior_loss": state.last.get("prior_loss") if config.with_prior_preservation else None,
+            },
+            config_json=config.to_json(),
+            metrics_file=paths.metrics,
+            samples_dir=sample_dir,
+        )
+    except OSError as e:
+        raise TrainingError(
+            f"Could not save the adapter ({e.strerror or e}); free disk space and resume: the last "
+            "checkpoint is kept.",
+            step=state.step,
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,47 +924,6 @@ def _mix(*numbers: int) -> int:
         h = ((h ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _resume_identity(config: TrainConfig) -> dict[str, Any]:
-    return {
-        "base_model": config.base_model,
-        "rank": config.rank,
-        "alpha": config.lora_alpha,
-        "train_text_encoder": config.train_text_encoder,
-    }
-
-
-def _prepare_class_images(config, parts, source, resolution, accelerator, emit, should_stop) -> list[Path]:
-    if config.class_data_dir:
-        class_dir = Path(config.class_data_dir)
-    else:
-        class_dir = class_cache_dir(f"{source.kind}:{source.location}", config.class_prompt, resolution)
-    if accelerator.is_main_process:
-
-        def factory():
-            pipe = assemble_pipeline(parts)
-            return pipe.to(accelerator.device)
-
-        generate_class_images(
-            factory,
-            config.class_prompt,
-            class_dir,
-            config.num_class_images,
-            resolution=resolution,
-            seed=config.seed,
-            num_inference_steps=config.class_generation_steps,
-            batch_size=config.class_generation_batch_size,
-            emit=emit,
-            should_stop=should_stop,
-        )
-    accelerator.wait_for_everyone()
-    found = list_images(class_dir)[: config.num_class_images]
-    if len(found) < config.num_class_images:
-        raise TrainingError(
-            f"Only {len(found)} class images in {class_dir}, {config.num_class_images} needed."
-        )
-    return found
 
 
 @torch.no_grad()
@@ -794,185 +1110,3 @@ def _enable_xformers(unet) -> None:
         unet.enable_xformers_memory_efficient_attention()
     except (ImportError, ModuleNotFoundError, ValueError) as e:
         raise TrainingError(f"xformers is not usable here ({e}); turn it off to use SDPA attention.") from e
-
-
-def _lora_state_for_checkpoint(
-    unet, text_encoder, with_te: bool, text_encoder_2=None
-) -> dict[str, torch.Tensor]:
-    state = {f"unet.{k}": v for k, v in adapters.peft_lora_state(unet).items()}
-    if with_te:
-        state.update({f"text_encoder.{k}": v for k, v in adapters.peft_lora_state(text_encoder).items()})
-        if text_encoder_2 is not None:
-            state.update(
-                {f"text_encoder_2.{k}": v for k, v in adapters.peft_lora_state(text_encoder_2).items()}
-            )
-    return state
-
-
-def _load_lora_state(unet, text_encoder, state: dict[str, torch.Tensor], text_encoder_2=None) -> None:
-    from peft.utils import set_peft_model_state_dict
-
-    # "text_encoder." does not match "text_encoder_2." keys: the dot ends the prefix.
-    for prefix, model in (
-        ("unet.", unet),
-        ("text_encoder.", text_encoder),
-        ("text_encoder_2.", text_encoder_2),
-    ):
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if not part:
-            continue
-        if model is None:
-            raise TrainingError("The checkpoint has LoRA weights for a second text encoder this model lacks.")
-        result = set_peft_model_state_dict(model, part)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise TrainingError(
-                f"The checkpoint does not match this model ({len(unexpected)} unknown LoRA keys)."
-            )
-
-
-def _save_checkpoint(
-    config,
-    accelerator,
-    paths,
-    step,
-    unet,
-    text_encoder,
-    optimizer,
-    lr_scheduler,
-    seconds,
-    emit,
-    text_encoder_2=None,
-) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        emit(StageStarted("save", f"saving checkpoint {step}"))
-        try:
-            path = _write_checkpoint(
-                config,
-                accelerator,
-                paths,
-                step,
-                unet,
-                text_encoder,
-                optimizer,
-                lr_scheduler,
-                seconds,
-                text_encoder_2=text_encoder_2,
-            )
-        except OSError as e:
-            raise TrainingError(
-                f"Could not save checkpoint {step} ({e.strerror or e}); free disk space and resume: "
-                "the previous checkpoint is kept.",
-                step=step,
-            ) from e
-        emit(CheckpointSaved(step, str(path)))
-    accelerator.wait_for_everyone()
-
-
-def _write_checkpoint(
-    config,
-    accelerator,
-    paths,
-    step,
-    unet,
-    text_encoder,
-    optimizer,
-    lr_scheduler,
-    seconds,
-    text_encoder_2=None,
-):
-    return checkpoints.save_checkpoint(
-        paths["checkpoints"],
-        step,
-        lora_state=_lora_state_for_checkpoint(
-            accelerator.unwrap_model(unet),
-            accelerator.unwrap_model(text_encoder),
-            config.train_text_encoder,
-            text_encoder_2=accelerator.unwrap_model(text_encoder_2) if text_encoder_2 is not None else None,
-        ),
-        optimizer_state=optimizer.state_dict(),
-        scheduler_state=lr_scheduler.state_dict(),
-        state={**_resume_identity(config), "seconds": seconds, "max_train_steps": config.max_train_steps},
-        total_limit=config.checkpoints_total_limit,
-    )
-
-
-@torch.no_grad()
-def _validate(
-    config,
-    accelerator,
-    paths,
-    step,
-    unet,
-    text_encoder,
-    vae,
-    tokenizer,
-    noise_scheduler,
-    resolution,
-    emit,
-    text_encoder_2=None,
-    tokenizer_2=None,
-):
-    """Validation images with and without the token, same seeds at every step so they compare."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process or config.num_validation_images == 0:
-        return None
-    from diffusers import DPMSolverMultistepScheduler
-
-    emit(StageStarted("validate", f"validation images at step {step}"))
-    unet_model = accelerator.unwrap_model(unet)
-    te_models = [accelerator.unwrap_model(te) for te in (text_encoder, text_encoder_2) if te is not None]
-    device = accelerator.device
-    te_devices = [next(te.parameters()).device for te in te_models]
-    vae.to(device)
-    unet_model.eval()
-    for te in te_models:
-        te.to(device)
-        te.eval()
-    scheduler = DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
-    parts = dict(
-        vae=vae, text_encoder=te_models[0], tokenizer=tokenizer, unet=unet_model, scheduler=scheduler
-    )
-    if text_encoder_2 is not None:
-        parts.update(text_encoder_2=te_models[1], tokenizer_2=tokenizer_2)
-    pipe = assemble_pipeline(parts)
-    out_dir = paths["samples"] / f"step-{step:06d}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prompt = config.effective_validation_prompt
-    variants = [("with", prompt)]
-    plain = config.prompt_without_token(prompt)
-    if plain:
-        variants.append(("without", plain))
-    saved, images = [], {}
-    # Under autocast the VAE would decode in half precision, where SDXL's overflows (black or NaN
-    # images): the pipeline stops at latents and the fp32 VAE decodes them outside autocast.
-    decode_fp32 = accelerator.mixed_precision != "no"
-    for label, text in variants:
-        for i in range(config.num_validation_images):
-            with accelerator.autocast() if decode_fp32 else contextlib.nullcontext():
-                image = pipe(
-                    text,
-                    num_inference_steps=config.validation_inference_steps,
-                    height=resolution,
-                    width=resolution,
-                    generator=torch.Generator().manual_seed(config.seed + i),
-                    output_type="latent" if decode_fp32 else "pil",
-                ).images[0]
-            if decode_fp32:
-                latents = image[None].to(device, torch.float32) / vae.config.scaling_factor
-                pixels = vae.decode(latents.to(next(vae.parameters()).dtype)).sample
-                image = pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
-            target = out_dir / f"{label}-token-{i}.png"
-            image.save(target)
-            saved.append(str(target))
-            images.setdefault(f"{label}_token", []).append(image)
-    vae.to("cpu")
-    unet_model.train()
-    for te, te_device in zip(te_models, te_devices, strict=True):
-        te.to(te_device)
-        if config.train_text_encoder:
-            te.train()
-    tracking.log_samples(accelerator, step, images)
-    emit(SamplesSaved(step, saved))
-    return out_dir

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TINY_MODELS, TrainConfig
 
 # Parameter counts of the real architectures (UNet, text encoder(s), VAE), in millions.
 _PARAMS_M = {
@@ -25,7 +25,7 @@ _PARAMS_M = {
 
 def check_base_model(base_model: str) -> str:
     """One sentence on whether `base_model` is usable here (without loading it)."""
-    from .components import TINY_MODELS, _hub_offline, _hub_reachable, resolve_base_model
+    from .components import _hub_offline, _hub_reachable, resolve_base_model
     from .events import TrainingError
 
     name = (base_model or "").strip()
@@ -91,10 +91,8 @@ def native_resolution(base_model: str) -> int:
     from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
 
     name = (base_model or "").strip()
-    if name == "tiny-sd15":
-        return TINY_SD15.resolution
-    if name == "tiny-sdxl":
-        return TINY_SDXL.resolution
+    if name in TINY_MODELS:
+        return (TINY_SDXL if TINY_MODELS[name][0] == "sdxl" else TINY_SD15).resolution
     config = _unet_config(name)
     if config and config.get("sample_size"):
         return int(config["sample_size"]) * 8  # latents are 1/8 of the pixels (the VAE's 3 downsamples)
