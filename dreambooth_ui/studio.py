@@ -78,6 +78,8 @@ MAX_GENERATION_STEPS = 100
 MAX_IMAGES = 4  # per generation request
 MAX_SIDE_FACTOR = 2  # width and height at most twice the model's native size (SD 1.5: 1024, SDXL: 2048)
 MAX_PROMPT_CHARS = 2000
+MAX_PHOTOS = 200  # per prepare request (a set may grow over several)
+MAX_SEED = 2**32 - 1
 DISK_FULL = "The server's disk is full: free disk space, then try again."
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 OWNER_FILE = "owner.json"  # in a user's folder: the exact account name it belongs to
@@ -352,6 +354,10 @@ class Studio:
 
         if not files:
             raise UserError("Add some photos first (5 to 20 of the subject work best).")
+        if len(files) > MAX_PHOTOS:
+            raise UserError(
+                f"photos: at most {MAX_PHOTOS} per request, got {len(files)}; add the rest in another."
+            )
         name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
         try:
             options = PrepOptions(
@@ -626,12 +632,14 @@ class Studio:
         base = base or self.base_model
         max_side = MAX_SIDE_FACTOR * native_resolution(base)
         bounds = (("steps", steps, MAX_GENERATION_STEPS), ("num_images", num_images, MAX_IMAGES),
-                  ("width", width or 0, max_side), ("height", height or 0, max_side),
+                  ("width", width or 0, max_side), ("height", height or 0, max_side), ("seed", seed, MAX_SEED),
                   ("prompt", len(prompt), MAX_PROMPT_CHARS), ("negative_prompt", len(negative_prompt or ""), MAX_PROMPT_CHARS))  # fmt: skip
         for field, value, limit in bounds:
             if not isinstance(value, (int, float)) or value > limit:
                 unit = " characters" if "prompt" in field else ""
                 raise UserError(f"{field}: at most {limit}{unit} here, got {value}.")
+        if seed < 0:
+            raise UserError(f"seed: from 0 to {MAX_SEED}, got {seed}.")
         try:
             return GenerateRequest(
                 base_model=base,

@@ -271,7 +271,7 @@ def test_6_one_folder_per_exact_user_name(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_7_sizes_are_bounded_and_refused_at_once(server):
+def test_7_sizes_are_bounded_and_refused_at_once(server, alice_set, tmp_path):
     from gradio_client.exceptions import AppError
 
     url, _ = server
@@ -289,6 +289,13 @@ def test_7_sizes_are_bounded_and_refused_at_once(server):
                             ({"num_class_images": 10**6}, "num_class_images")):  # fmt: skip
         with pytest.raises(AppError, match=field):
             _start(url, "alice", **settings)
+    with pytest.raises(AppError, match="seed"):
+        alice.predict(prompt="a dog", seed=10**30, api_name="/generate")
+    from dreambooth_ui.studio import Studio, UserError
+
+    with pytest.raises(UserError, match="photos: at most 200"):  # refused before anything is copied
+        Studio(tmp_path).prepare_photos([__file__] * 201, "many")
+    assert not any((tmp_path / "uploads").iterdir())
     from dreambooth_ui import api
 
     doc = api.register.__doc__ + "".join(f.__doc__ or "" for f in api.ENDPOINTS)
