@@ -205,6 +205,7 @@ class Studio:
         hub_client=None,
         shared: Shared | None = None,
         confined: bool = False,
+        user: str | None = None,
     ) -> None:
         from .space import detect
 
@@ -212,6 +213,7 @@ class Studio:
         # With logins, every path a client names must lie inside this user's folder, and only the
         # offered base models may be used; alone on your own machine, paths are taken as given.
         self.confined = confined
+        self.user = user  # the account this folder belongs to (None: the single local user)
         # The one GPU: one training job at a time across all users, one resident generator.
         self.shared = shared or Shared()
         self.base_model = base_model
@@ -525,7 +527,9 @@ class Studio:
         d = self.deployment
         if not (d.on_space and d.hub_token and d.owner):
             return None
-        repo_id = f"{d.owner}/{name}"
+        # Another user's adapter goes under its own prefix: two users' "sks-dog" never share a repository.
+        prefix = "" if self.user in (None, d.owner) else user_folder_name(self.user) + "-"
+        repo_id = f"{d.owner}/{prefix}{name}"
         try:
             self.store.push_to_hub(name, repo_id, token=d.hub_token, private=True, client=self.hub_client)
         except Exception as e:  # noqa: BLE001 - the store's sentence has the token masked
@@ -823,7 +827,7 @@ class Studios:
             if user not in self._studios:
                 folder = self.data_dir if user is None else self._claim_folder(user)
                 self._studios[user] = Studio(
-                    folder, shared=self.shared, confined=user is not None, **self._kwargs
+                    folder, shared=self.shared, confined=user is not None, user=user, **self._kwargs
                 )
             return self._studios[user]
 

@@ -494,3 +494,27 @@ def test_15_nul_in_the_trigger_token_is_named(server, tmp_path):
         )
     with pytest.raises(AppError, match=re.compile("trigger token", re.I)):
         client(url, "alice").predict(dataset="alice-dog", token="s\x00ks", api_name="/start_training")
+
+
+def test_auto_push_keeps_each_users_adapters_in_their_own_repository(tmp_path):
+    """On a Space with HF_TOKEN, finished adapters go to private repos of the Space's owner; two users'
+    adapters of the same name must not land in (and overwrite) one repository."""
+    from dreambooth_ui.access import AccessPolicy
+    from dreambooth_ui.space import detect
+    from dreambooth_ui.studio import Studios
+
+    env = {"SPACE_ID": "alice/studio", "SPACE_AUTHOR_NAME": "alice", "HF_TOKEN": "hf_x"}
+    deployment = detect(env=env, data_dir=str(tmp_path))
+    policy = AccessPolicy(required=True, allowed=frozenset({"alice", "bob"}), oauth=True)
+    studios = Studios(tmp_path, policy=policy, deployment=deployment)
+    pushed = []
+
+    class Store:  # the adapter store's push, recorded (the Hub is not reachable here)
+        def push_to_hub(self, name, repo_id, **kwargs):
+            pushed.append(repo_id)
+
+    for user in ("alice", "bob"):
+        studio = studios.for_user(user)
+        studio._store = Store()
+        studio._auto_push("sks-dog")
+    assert pushed[0] == "alice/sks-dog" and len(set(pushed)) == 2 and pushed[1].startswith("alice/bob-")
