@@ -865,8 +865,8 @@ class Studios:
         return owners[0] if len(owners) == 1 else None
 
     def _recover_users(self) -> None:
-        for runs in sorted((self.data_dir / "users").glob("*/runs")):
-            folder = runs.parent
+        users = self.data_dir / "users"
+        for folder in sorted(p for p in users.iterdir() if p.is_dir()) if users.is_dir() else []:
             user = _folder_owner(folder) or self._legacy_owner(folder.name)
             studio = None
             if user is not None:
@@ -874,7 +874,8 @@ class Studios:
                     studio = self.for_user(user)  # moves a pre-hash folder into place
                 except UserError:
                     studio = None
-            if folder.exists() and (studio is None or studio.data_dir != folder.resolve()):
+            orphan = studio is None or studio.data_dir != folder.resolve()
+            if orphan and (folder / "runs").is_dir():
                 log.warning("users/%s belongs to no known account; only its runs are recovered", folder.name)
                 Studio(folder, shared=self.shared, confined=True, **self._kwargs)
 

@@ -252,10 +252,16 @@ def test_6_one_folder_per_exact_user_name(tmp_path):
     # An existing folder from before (named by the old slug) is found by its user.
     (tmp_path / "users" / "alice" / "datasets" / "old-set").mkdir(parents=True)
     (tmp_path / "users" / "alice" / "datasets" / "old-set" / "report.json").write_text("{}")
-    policy = AccessPolicy(
-        required=True, allowed=frozenset({"alice", "alice_", "Alice", "al ice"}), oauth=False
-    )
+    (tmp_path / "users" / "Bob-Smith" / "datasets" / "theirs").mkdir(
+        parents=True
+    )  # "Bob Smith"'s or "Bob!Smith"'s?
+    accounts = {"alice", "alice_", "Alice", "al ice", "Bob Smith", "Bob!Smith"}
+    policy = AccessPolicy(required=True, allowed=frozenset(accounts), oauth=False)
     studios = Studios(tmp_path, policy=policy)
+    assert not (tmp_path / "users" / "alice").exists()  # moved at start, before alice comes back
+    # A folder two accounts could claim is given to neither: it waits for the admin.
+    assert (tmp_path / "users" / "Bob-Smith" / "datasets" / "theirs").is_dir()
+    assert not (studios.for_user("Bob Smith").data_dir / "datasets" / "theirs").exists()
     folders = {u: studios.for_user(u).data_dir for u in ("alice", "alice_", "Alice", "al ice")}
     assert len(set(folders.values())) == 4
     assert (folders["alice"] / "datasets" / "old-set" / "report.json").is_file()
