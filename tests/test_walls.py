@@ -133,8 +133,12 @@ def test_1_no_user_fetches_anothers_files_by_url(server, alice_set):
     photo = next((alice_set / "datasets" / "alice-dog").glob("*.png"))
     for target in (photo, alice_set / "datasets" / "alice-dog" / "report.json",
                    alice_set / "runs" / "20260101-000000-alice" / "checkpoint-3" / "pytorch_lora_weights.safetensors"):  # fmt: skip
-        for variant in (str(target), f"{data}/users/../users/{target.relative_to(data / 'users')}"):
+        variants = (str(target), f"{data}/users/../users/{target.relative_to(data / 'users')}",
+                    os.path.relpath(target, ROOT))  # the app runs in ROOT  # fmt: skip
+        for variant in variants:
             r = _fetch(bob, url, variant)
+            assert r.status_code in (403, 404), (variant, r.status_code)
+            r = bob.get(f"{url}gradio_api/file/{variant}", timeout=10)  # the older route
             assert r.status_code in (403, 404), (variant, r.status_code)
             assert r.content != target.read_bytes()
     # The raw path is not a way in for its owner either: files reach the page only through the
