@@ -456,10 +456,10 @@ class Studio:
         """The client's settings, allow-listed by name, with named paths resolved (UserError otherwise)."""
         import dataclasses
 
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
         out = {}
         for key, value in overrides.items():
-            if not isinstance(key, str) or key not in fields:
+            if not isinstance(key, str) or key not in types:
                 raise UserError(
                     f"{str(key)[:80]}: unknown setting (settings take TrainConfig fields such as max_train_steps)."
                 )
@@ -467,6 +467,16 @@ class Studio:
                 raise UserError(f"{key}: set by the app, not by a client; leave it out of the settings.")
             if value is None:
                 continue
+            kind = types[key].split(" ")[0]  # "int", "float", "bool" or "str" (maybe "| None")
+            accepted = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[kind]
+            if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, bool)):
+                wanted = {
+                    "bool": "true or false",
+                    "int": "a whole number",
+                    "float": "a number",
+                    "str": "text",
+                }[kind]
+                raise UserError(f"{key}: expected {wanted}, got {str(value)[:80]!r}.")
             out[key] = self.client_path(key, value) if key in PATH_FIELDS else value
         return out
 

@@ -439,6 +439,8 @@ def test_12_unknown_and_forbidden_settings_are_named(server, alice_set):
     from gradio_client.exceptions import AppError
 
     url, _ = server
+    with pytest.raises(AppError, match="max_train_steps: expected a whole number"):
+        _start(url, "alice", max_train_steps="many")
     for key in ("bogus_key", "output_dir", "instance_dir", "report_to"):
         with pytest.raises(AppError, match=key) as e:
             _start(url, "alice", **{key: "x"})
