@@ -6,7 +6,7 @@ building the page) stays light; the first generation or training loads the engin
 
 Data folder layout:
 
-    <data_dir>/uploads/<batch>/     raw uploads, copied out of Gradio's temporary cache at once
+    <data_dir>/uploads/<batch>/     raw uploads while they are prepared (then deleted)
     <data_dir>/datasets/<name>/     prepared photo sets (squares, captions, report.json, originals/)
     <data_dir>/runs/<run_id>/       training runs (config, status, metrics, samples, checkpoints, adapter)
     <data_dir>/adapters/<name>/     the adapter gallery (finished runs are copied in; imports too)
