@@ -8,6 +8,7 @@ talk to it through real gradio_client sessions and plain HTTP (requests, cookies
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import subprocess
@@ -63,7 +64,9 @@ def server(tmp_path_factory):
             proc.kill()
 
 
+@functools.cache
 def client(url, user):
+    """A gradio_client session logged in as `user` (one per user and app: each costs a round trip)."""
     from gradio_client import Client
 
     return Client(url, auth=(user, ACCOUNTS[user]), verbose=False)
