@@ -162,7 +162,7 @@ def test_1_the_owner_gets_her_generated_image(server, alice_set):
     if r.status_code == 200:
         event = r.json()["event_id"]
         body = alice.get(f"{url}gradio_api/call/prepare_photos/{event}", timeout=60).text
-        assert "event: complete" not in body, body[-500:]
+        assert "event: error" in body and "event: complete" not in body, body[-500:]
     users = data_users(server)
     assert not any((u / "datasets" / "stolen").exists() for u in users)
 
