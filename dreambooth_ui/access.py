@@ -164,7 +164,11 @@ class PrivateFiles:
         if not match or "://" in match.group(1):
             return False
         asked = Path(match.group(1))
-        for candidate in {Path(os.path.abspath(asked)), asked.resolve()}:
+        try:
+            candidates = {Path(os.path.abspath(asked)), asked.resolve()}
+        except (OSError, RuntimeError, ValueError):  # a path that cannot even be resolved: refuse it
+            return True
+        for candidate in candidates:
             if candidate.is_relative_to(self.root) and not any(
                 candidate.is_relative_to(e) for e in self.exempt
             ):
