@@ -2,8 +2,9 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--data-dir DIR] [--base-model ID_OR_PATH]
 
-Photos, training runs, adapters and generated images live under --data-dir; only that folder is
-served to the browser. Offline, the built-in `tiny-sd15` model lets you try every step.
+Photos, training runs, adapters and generated images live under --data-dir. Nothing in it is
+served by path: the page gets copies of what a handler returns, one user's only to that user (see
+README "Who can do what"). Offline, the built-in `tiny-sd15` model lets you try every step.
 """
 
 from __future__ import annotations
@@ -81,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch_options(studios) -> dict:
     """Safe serving defaults, shared with the tests that launch the app (a Studio or Studios)."""
+    from gradio.utils import get_cache_folder, get_upload_folder
+    from starlette.middleware import Middleware
+
+    from dreambooth_ui.access import PrivateFiles
     from dreambooth_ui.layout import CSS
 
+    exempt = (str(get_cache_folder()), str(get_upload_folder()))
     return dict(
         max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(studios.data_dir)],  # only the data folder is served
+        # Gradio copies what handlers return into its cache only from allowed folders; the data
+        # folder itself is never served by path (PrivateFiles refuses every such URL).
+        allowed_paths=[str(studios.data_dir)],
+        app_kwargs={"middleware": [Middleware(PrivateFiles, root=str(studios.data_dir), exempt=exempt)]},
         enable_monitoring=False,
         show_error=False,  # unexpected errors are logged; the page shows one sentence
         theme="soft",

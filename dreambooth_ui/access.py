@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,46 @@ def request_user(request, token_users: Callable[[str], str | None] | None = None
         if scheme.lower() == "bearer" and token.strip():
             return token_users(token.strip())
     return None
+
+
+class PrivateFiles:
+    """ASGI middleware: Gradio's file route never serves anything inside the data folder by path.
+
+    The page and the API never need such a URL: Gradio copies whatever a handler returns into its
+    own cache under a content hash it salts with a server secret, and the browser loads that copy.
+    A path typed by hand (`/gradio_api/file=<data>/users/<someone>/...`) is refused for every
+    user, the folder's owner included, so no user can reach another user's files by URL.
+    `exempt` names folders inside the data folder Gradio itself serves from (its cache, should
+    GRADIO_TEMP_DIR point there).
+    """
+
+    _FILE_ROUTE = re.compile(r"/file(?:=|/)(.+)$")
+
+    def __init__(self, app, root: str | os.PathLike, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.root = Path(root).resolve()
+        self.exempt = tuple(Path(e).resolve() for e in exempt)
+
+    def refuses(self, url_path: str) -> bool:
+        match = self._FILE_ROUTE.search(url_path)
+        if not match or "://" in match.group(1):
+            return False
+        asked = Path(match.group(1))
+        try:
+            candidates = {Path(os.path.abspath(asked)), asked.resolve()}
+        except (OSError, RuntimeError, ValueError):  # a path that cannot even be resolved: refuse it
+            return True
+        for candidate in candidates:
+            if candidate.is_relative_to(self.root) and not any(
+                candidate.is_relative_to(e) for e in self.exempt
+            ):
+                return True
+        return False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get("type") == "http" and self.refuses(scope.get("path", "")):
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"File not allowed."})
+            return
+        await self.app(scope, receive, send)

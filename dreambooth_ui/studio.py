@@ -6,7 +6,7 @@ building the page) stays light; the first generation or training loads the engin
 
 Data folder layout:
 
-    <data_dir>/uploads/<batch>/     raw uploads, copied out of Gradio's temporary cache at once
+    <data_dir>/uploads/<batch>/     raw uploads while they are prepared (then deleted)
     <data_dir>/datasets/<name>/     prepared photo sets (squares, captions, report.json, originals/)
     <data_dir>/runs/<run_id>/       training runs (config, status, metrics, samples, checkpoints, adapter)
     <data_dir>/adapters/<name>/     the adapter gallery (finished runs are copied in; imports too)
@@ -15,16 +15,22 @@ Data folder layout:
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
+import os
 import re
 import shutil
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from trainer_core.config import SUBJECT_TYPES, TINY_MODELS, TrainConfig, preset_config
+from trainer_core.fileio import atomic_write_json
 
 from .jobs import JobBusy, JobRunner
 
@@ -40,8 +46,68 @@ _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 PUBLISHED = "published.json"  # in a run folder: the name its adapter got in the gallery
 
 
+# TrainConfig fields a client (the page's settings, the API's `settings`) may set. The rest are the
+# app's to set (instance_dir, output_dir, base_model and token have their own arguments) or reach
+# beyond the run (report_to would use the server's tracker accounts).
+CLIENT_FIELDS = frozenset({
+    "adapter_name", "instance_prompt", "with_prior_preservation", "class_prompt", "num_class_images",
+    "prior_loss_weight", "class_generation_steps", "class_generation_batch_size", "rank", "alpha",
+    "train_text_encoder", "resolution", "random_flip", "max_train_steps", "train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1",
+    "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "use_8bit_adam", "fused_adam",
+    "snr_gamma", "noise_offset", "prediction_type", "mixed_precision", "gradient_checkpointing",
+    "enable_xformers", "compile_unet", "seed", "logging_steps", "validation_prompt", "validation_steps",
+    "num_validation_images", "validation_inference_steps", "checkpointing_steps", "checkpoints_total_limit",
+    # paths: with logins, resolved inside the user's own folder (relative paths start there)
+    "class_data_dir", "resume_from_checkpoint", "pretrained_vae", "single_file_config",
+})  # fmt: skip
+PATH_FIELDS = ("class_data_dir", "resume_from_checkpoint", "pretrained_vae", "single_file_config")
+KNOWN_VAES = ("madebyollin/sdxl-vae-fp16-fix", "stabilityai/sd-vae-ft-mse")  # Hub ids always allowed
+# Upper bounds on what one client request may ask for (the CLI has its own, looser, engine limits).
+TRAIN_LIMITS = {
+    "max_train_steps": 20_000, "resolution": 2048, "num_class_images": 2000, "rank": 256,
+    "train_batch_size": 64, "gradient_accumulation_steps": 256, "class_generation_steps": 200,
+    "class_generation_batch_size": 64, "validation_inference_steps": 200, "num_validation_images": 16,
+    "checkpoints_total_limit": 100,
+}  # fmt: skip
+MAX_GENERATION_STEPS = 100
+MAX_IMAGES = 4  # per generation request
+MAX_SIDE_FACTOR = 2  # width and height at most twice the model's native size (SD 1.5: 1024, SDXL: 2048)
+MAX_PROMPT_CHARS = 2000
+MAX_PHOTOS = 200  # per prepare request (a set may grow over several)
+MAX_SEED = 2**32 - 1
+DISK_FULL = "The server's disk is full: free disk space, then try again."
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+OWNER_FILE = "owner.json"  # in a user's folder: the exact account name it belongs to
+
+
 class UserError(Exception):
     """Something the person can fix; the message is one plain sentence."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS
+
+
+def check_word(value: str, what: str) -> str:
+    """A trigger token or class noun: printable text (no NUL or control characters)."""
+    if not isinstance(value, str) or any(not c.isprintable() for c in value):
+        raise UserError(f"The {what} may only contain printable characters, e.g. sks.")
+    return value
+
+
+def user_folder_name(user: str) -> str:
+    """One folder per exact account name: a readable slug plus a short hash of the exact name
+    (so `alice` and `alice_`, which read the same, never share a folder)."""
+    digest = hashlib.sha256(user.encode("utf-8")).hexdigest()[:12]
+    slug = _NAME.sub("-", user.strip()).strip(".-_")[:40] or "user"
+    return f"{slug}-{digest}"
+
+
+def _legacy_folder_name(user: str) -> str | None:
+    """The folder name before one-to-one folders (safe_name of the account), None if it had none."""
+    cleaned = _NAME.sub("-", user.strip()).strip(".-_")[:64] if "\x00" not in user else ""
+    return cleaned or None
 
 
 def safe_name(name: str, what: str = "name") -> str:
@@ -71,12 +137,43 @@ def base_model_note(base_model: str) -> str:
 
 
 class Shared:
-    """What all users of one app share: the GPU slot for training and the resident generator."""
+    """What all users of one app share: the GPU slot for training and the resident generator.
+
+    Generation requests take turns in arrival order (a ticket queue), and each user has at most one
+    in the queue, so one user's long requests cannot starve another's.
+    """
 
     def __init__(self) -> None:
         self.gpu = threading.Lock()
         self._generator = None
         self._lock = threading.Lock()
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._queued: set[object] = set()
+
+    @contextmanager
+    def generation_turn(self, who: object):
+        """Wait for `who`'s turn at the generator; UserError if `who` already has a request queued."""
+        with self._turns:
+            if who in self._queued:
+                raise UserError("You are already generating; wait for that image before asking for another.")
+            self._queued.add(who)
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turns.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._turns:
+                self._queued.discard(who)
+                self._serving += 1
+                self._turns.notify_all()
+
+    def generation_queue(self) -> int:
+        """Requests running or waiting at the generator."""
+        with self._turns:
+            return len(self._queued)
 
     def generator(self, device: str | None = None):
         with self._lock:
@@ -103,10 +200,16 @@ class Studio:
         deployment=None,
         hub_client=None,
         shared: Shared | None = None,
+        confined: bool = False,
+        user: str | None = None,
     ) -> None:
         from .space import detect
 
         self.data_dir = Path(data_dir).resolve()
+        # With logins, every path a client names must lie inside this user's folder, and only the
+        # offered base models may be used; alone on your own machine, paths are taken as given.
+        self.confined = confined
+        self.user = user  # the account this folder belongs to (None: the single local user)
         # The one GPU: one training job at a time across all users, one resident generator.
         self.shared = shared or Shared()
         self.base_model = base_model
@@ -159,25 +262,71 @@ class Studio:
         return base_model_choices(self.base_model)
 
     def base_model_note(self, base_model: str) -> str:
+        if self.confined and not _offered(base_model, self.base_model):
+            return refused_base_model(self.base_model)
         return base_model_note(base_model)
+
+    def client_base_model(self, base_model: str | None) -> str:
+        """The base model a client named, if it may use it here (UserError naming the field if not)."""
+        name = (base_model or "").strip() or self.base_model
+        if self.confined and not _offered(name, self.base_model):
+            raise UserError(refused_base_model(self.base_model))
+        return name
+
+    def client_path(self, field: str, value: Any) -> Any:
+        """A path a client named in `field`: with logins it must exist inside this user's folder
+        (after resolving symlinks; relative paths start there). Missing and not-yours read alike."""
+        if not self.confined or value is None or value == "":
+            return value
+        if field == "resume_from_checkpoint" and value == "latest":
+            return value
+        if field == "pretrained_vae" and value in KNOWN_VAES:
+            return value
+        if field == "single_file_config" and value in HUB_MODELS:
+            return value
+        refusal = UserError(
+            f"{field}: there is no {str(value)[:200]!r} among your own files; name a folder inside your "
+            "data (e.g. datasets/<photo set>), relative to it."
+        )
+        if not isinstance(value, str) or "\x00" in value:
+            raise refusal
+        path = Path(value).expanduser()
+        path = (path if path.is_absolute() else self.data_dir / path).resolve()
+        if not path.is_relative_to(self.data_dir) or not path.exists():
+            raise refusal
+        return str(path)
 
     # -- photos ----------------------------------------------------------------------------------
 
     def save_uploads(self, files: Sequence[str | Path]) -> list[Path]:
-        """Copy uploads out of Gradio's cache into the data folder at once (that cache is temporary)."""
+        """Copy uploads out of Gradio's cache into the data folder at once (that cache is temporary).
+
+        The batch folder is removed after preparing: accepted photos are kept in the set's
+        `originals/`, rejected files are not kept at all.
+        """
         batch = self.data_dir / "uploads" / time.strftime("%Y%m%d-%H%M%S")
         while batch.exists():
             batch = batch.with_name(batch.name + "_")
         batch.mkdir(parents=True)
         saved = []
-        for i, f in enumerate(files):
-            src = Path(f)
-            if not src.is_file():
-                continue
-            # Keep the user's file name (for the report) but never its directories.
-            target = batch / f"{i:03d}-{safe_name(src.name, 'file name') if src.name else 'upload'}"
-            shutil.copyfile(src, target)
-            saved.append(target)
+        try:
+            for i, f in enumerate(files):
+                src = Path(f)
+                if not src.is_file():
+                    continue
+                # Keep the user's file name (for the report) but never its directories; a name with
+                # no letter or digit (an emoji, dashes) gets a plain one instead of failing the batch.
+                name = _NAME.sub("-", src.name.strip()).strip(".-_")[:64] or "upload"
+                target = batch / f"{i:03d}-{name}"
+                shutil.copyfile(src, target)
+                saved.append(target)
+            if not saved:
+                batch.rmdir()
+        except OSError as e:
+            shutil.rmtree(batch, ignore_errors=True)
+            if is_disk_full(e):
+                raise UserError(DISK_FULL) from e
+            raise
         return saved
 
     def prepare_photos(
@@ -197,25 +346,35 @@ class Studio:
         from trainer_core.planning import native_resolution
         from trainer_core.prep import ORIGINALS_DIR, REPORT_NAME, PrepOptions, prepare_photos
 
-        resolution = resolution or native_resolution(base_model or self.base_model)
+        check_word(token, "trigger token")
+        check_word(class_noun, "class noun")
+        resolution = resolution or native_resolution(self.client_base_model(base_model or self.base_model))
 
         if not files:
             raise UserError("Add some photos first (5 to 20 of the subject work best).")
+        if len(files) > MAX_PHOTOS:
+            raise UserError(
+                f"photos: at most {MAX_PHOTOS} per request, got {len(files)}; add the rest in another."
+            )
         name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
-        uploads = self.save_uploads(files)
         try:
             options = PrepOptions(
                 resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun
             )
         except ValueError as e:
             raise UserError(_sentence(str(e))) from e
+        uploads = self.save_uploads(files)
         out = self.datasets_dir / name
         inputs: list[Path] = list(uploads)
         if (out / REPORT_NAME).is_file():
             # Adding to an existing set: its kept originals go through again with the new photos,
             # so earlier photos are never dropped (the set is rebuilt beside and swapped in whole).
             inputs.insert(0, out / ORIGINALS_DIR)
-        report = _engine_call(prepare_photos, inputs, out, options, **({"emit": emit} if emit else {}))
+        try:
+            report = _engine_call(prepare_photos, inputs, out, options, **({"emit": emit} if emit else {}))
+        finally:
+            if uploads:
+                shutil.rmtree(uploads[0].parent, ignore_errors=True)
         result = report_dict(report)
         result["dataset"] = name
         result["token"] = token
@@ -254,28 +413,68 @@ class Studio:
         base_model: str | None = None,
         **overrides: Any,
     ) -> TrainConfig:
-        """The preset for the subject type and photo count, with the user's overrides applied."""
+        """The preset for the subject type and photo count, with the user's overrides applied.
+
+        `overrides` are TrainConfig fields a client may set (CLIENT_FIELDS); any other key is
+        refused with a sentence naming it, and sizes above TRAIN_LIMITS are refused too.
+        """
         if subject_type not in SUBJECT_TYPES:
             raise UserError(f"Pick a subject type: {', '.join(SUBJECT_TYPES)}.")
+        check_word(token, "trigger token")
+        check_word(class_noun or "", "class noun")
+        overrides = self.client_overrides(overrides)
+        base = self.client_base_model(base_model)
         report = self.dataset_report(dataset)
         n = len(report["accepted"])
         if n == 0:
             raise UserError("This photo set has no usable photos; add photos and prepare them again.")
-        overrides = {k: v for k, v in overrides.items() if v is not None}
         try:
-            return preset_config(
+            config = preset_config(
                 subject_type,
                 n,
                 token=token,
                 class_noun=class_noun or None,
                 instance_dir=str(self.datasets_dir / report["dataset"]),
-                base_model=base_model or self.base_model,
+                base_model=base,
                 adapter_name=overrides.pop("adapter_name", None) or f"{token}-{class_noun or subject_type}",
                 output_dir=str(self.runs_dir / "pending"),
                 **overrides,
             )
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise UserError(_sentence(str(e))) from e
+        for field, limit in TRAIN_LIMITS.items():
+            value = getattr(config, field)
+            if isinstance(value, int) and value > limit:
+                raise UserError(f"{field}: at most {limit} here, got {value}.")
+        return config
+
+    def client_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The client's settings, allow-listed by name, with named paths resolved (UserError otherwise)."""
+        import dataclasses
+
+        types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+        out = {}
+        for key, value in overrides.items():
+            if not isinstance(key, str) or key not in types:
+                raise UserError(
+                    f"{str(key)[:80]}: unknown setting (settings take TrainConfig fields such as max_train_steps)."
+                )
+            if key not in CLIENT_FIELDS:
+                raise UserError(f"{key}: set by the app, not by a client; leave it out of the settings.")
+            if value is None:
+                continue
+            kind = types[key].split(" ")[0]  # "int", "float", "bool" or "str" (maybe "| None")
+            accepted = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[kind]
+            if not isinstance(value, accepted) or (kind != "bool" and isinstance(value, bool)):
+                wanted = {
+                    "bool": "true or false",
+                    "int": "a whole number",
+                    "float": "a number",
+                    "str": "text",
+                }[kind]
+                raise UserError(f"{key}: expected {wanted}, got {str(value)[:80]!r}.")
+            out[key] = self.client_path(key, value) if key in PATH_FIELDS else value
+        return out
 
     def estimate_text(self, config: TrainConfig) -> str:
         from trainer_core.planning import estimate_training
@@ -334,7 +533,9 @@ class Studio:
         d = self.deployment
         if not (d.on_space and d.hub_token and d.owner):
             return None
-        repo_id = f"{d.owner}/{name}"
+        # Another user's adapter goes under its own prefix: two users' "sks-dog" never share a repository.
+        prefix = "" if self.user in (None, d.owner) else user_folder_name(self.user) + "-"
+        repo_id = f"{d.owner}/{prefix}{name}"
         try:
             self.store.push_to_hub(name, repo_id, token=d.hub_token, private=True, client=self.hub_client)
         except Exception as e:  # noqa: BLE001 - the store's sentence has the token masked
@@ -427,9 +628,10 @@ class Studio:
         num_images: int = 1,
     ):
         from trainer_core.inference import GenerateRequest
+        from trainer_core.planning import native_resolution
 
         adapters = []
-        base = base_model
+        base = self.client_base_model(base_model) if base_model else None
         for name, weight in ((adapter, adapter_weight), (second_adapter, second_weight)):
             if name:
                 info = self._adapter_info(name)
@@ -437,9 +639,20 @@ class Studio:
                 base = base or info.base_model
         if not prompt or not prompt.strip():
             raise UserError("Write a prompt first, e.g. 'a photo of sks dog on a beach'.")
+        base = base or self.base_model
+        max_side = MAX_SIDE_FACTOR * native_resolution(base)
+        bounds = (("steps", steps, MAX_GENERATION_STEPS), ("num_images", num_images, MAX_IMAGES),
+                  ("width", width or 0, max_side), ("height", height or 0, max_side), ("seed", seed, MAX_SEED),
+                  ("prompt", len(prompt), MAX_PROMPT_CHARS), ("negative_prompt", len(negative_prompt or ""), MAX_PROMPT_CHARS))  # fmt: skip
+        for field, value, limit in bounds:
+            if not isinstance(value, (int, float)) or value > limit:
+                unit = " characters" if "prompt" in field else ""
+                raise UserError(f"{field}: at most {limit}{unit} here, got {value}.")
+        if seed < 0:
+            raise UserError(f"seed: from 0 to {MAX_SEED}, got {seed}.")
         try:
             return GenerateRequest(
-                base_model=base or self.base_model,
+                base_model=base,
                 prompt=prompt,
                 negative_prompt=negative_prompt or "",
                 steps=int(steps),
@@ -469,16 +682,24 @@ class Studio:
         return paths[0], [(label, p) for (label, _), p in zip(labelled, paths[1:], strict=True)]
 
     def _run_generator(self, fn):
-        return _engine_call(fn, self.generator)
+        with self.shared.generation_turn(self):
+            return _engine_call(fn, self.generator)
 
     def _save_images(self, images, prefix: str) -> list[Path]:
         out = self.data_dir / "outputs"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = []
-        for i, image in enumerate(images):
-            p = out / f"{prefix}-{stamp}-{time.monotonic_ns() % 10**6:06d}-{i}.png"
-            image.save(p)
-            paths.append(p)
+        try:
+            for i, image in enumerate(images):
+                p = out / f"{prefix}-{stamp}-{time.monotonic_ns() % 10**6:06d}-{i}.png"
+                paths.append(p)
+                image.save(p)
+        except OSError as e:
+            for p in paths:
+                p.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise UserError(DISK_FULL) from e
+            raise
         return paths
 
     # -- gallery ---------------------------------------------------------------------------------
@@ -513,6 +734,23 @@ class Studio:
             raise UserError(_sentence(str(e))) from e
 
 
+def _folder_owner(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))["user"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _offered(base_model: str | None, default: str) -> bool:
+    return (base_model or "").strip() in {value for _, value in base_model_choices(default)}
+
+
+def refused_base_model(default: str) -> str:
+    """The one answer to any base model a logged-in user may not name (no hint of what exists)."""
+    offered = ", ".join(value for _, value in base_model_choices(default))
+    return f"base_model: choose one of the base models this server offers ({offered})."
+
+
 def _engine_call(fn, *args: Any, **kwargs: Any):
     """Call the engine; its one-sentence errors (TrainingError, ValueError) become UserError."""
     from trainer_core.events import TrainingError
@@ -527,7 +765,9 @@ def _engine_call(fn, *args: Any, **kwargs: Any):
 
 def _sentence(text: str) -> str:
     text = text.strip().splitlines()[0] if text.strip() else "Invalid input."
-    return text[0].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+    if not re.match(r"[a-z_0-9]+: ", text):  # "learning_rate: ..." keeps the field's own spelling
+        text = text[0].upper() + text[1:]
+    return text + ("" if text.endswith((".", "!", "?")) else ".")
 
 
 def report_dict(report) -> dict[str, Any]:
@@ -566,8 +806,8 @@ def adapter_dict(info) -> dict[str, Any]:
 
 
 class Studios:
-    """One Studio per user under `<data>/users/<name>/` when login is required, else the single
-    local Studio on `<data>/`. All share the GPU slot and the generator."""
+    """One Studio per user under `<data>/users/<slug>-<hash>/` when login is required, else the
+    single local Studio on `<data>/`. All share the GPU slot and the generator."""
 
     def __init__(self, data_dir: str | Path, *, policy=None, token_users=None, **studio_kwargs: Any) -> None:
         from .access import AccessPolicy
@@ -581,18 +821,69 @@ class Studios:
         self._lock = threading.Lock()
         # Restart recovery for every user now, not at their next visit: no run stays "running".
         if self.policy.required:
-            for folder in sorted((self.data_dir / "users").glob("*/runs")):
-                self.for_user(folder.parent.name)
+            self._recover_users()
         else:
             self.for_user(None)
 
+    def user_dir(self, user: str) -> Path:
+        return self.data_dir / "users" / user_folder_name(user)
+
     def for_user(self, user: str | None) -> Studio:
-        key = None if user is None else safe_name(user, "user name")
         with self._lock:
-            if key not in self._studios:
-                folder = self.data_dir if key is None else self.data_dir / "users" / key
-                self._studios[key] = Studio(folder, shared=self.shared, **self._kwargs)
-            return self._studios[key]
+            if user not in self._studios:
+                folder = self.data_dir if user is None else self._claim_folder(user)
+                self._studios[user] = Studio(
+                    folder, shared=self.shared, confined=user is not None, user=user, **self._kwargs
+                )
+            return self._studios[user]
+
+    def _claim_folder(self, user: str) -> Path:
+        """The user's folder: found, moved from its pre-hash name, or made; never another's."""
+        if not isinstance(user, str) or not user or "\x00" in user:
+            raise UserError("This account name cannot be used; log in with another account.")
+        folder = self.user_dir(user)
+        owner = _folder_owner(folder)
+        if owner is not None and owner != user:  # a hash collision: refuse rather than share
+            raise UserError("Your data folder is claimed by another account; ask the server's admin.")
+        if not folder.exists():
+            legacy = _legacy_folder_name(user)
+            old = self.data_dir / "users" / legacy if legacy else None
+            if (
+                old is not None
+                and old.is_dir()
+                and _folder_owner(old) is None
+                and self._legacy_owner(legacy) == user
+            ):
+                log.info("moving the data folder %s to %s", old.name, folder.name)
+                os.replace(old, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+        if owner is None:
+            atomic_write_json(folder / OWNER_FILE, {"user": user})
+        return folder
+
+    def _legacy_owner(self, folder_name: str) -> str | None:
+        """Who a folder named by the old slug belongs to: the account of exactly that name, else the
+        one allowed account that mapped to it; None when that is not clear (the admin decides)."""
+        allowed = self.policy.allowed
+        if allowed is None or folder_name in allowed:
+            return folder_name
+        owners = [u for u in allowed if _legacy_folder_name(u) == folder_name]
+        return owners[0] if len(owners) == 1 else None
+
+    def _recover_users(self) -> None:
+        users = self.data_dir / "users"
+        for folder in sorted(p for p in users.iterdir() if p.is_dir()) if users.is_dir() else []:
+            user = _folder_owner(folder) or self._legacy_owner(folder.name)
+            studio = None
+            if user is not None:
+                try:
+                    studio = self.for_user(user)  # moves a pre-hash folder into place
+                except UserError:
+                    studio = None
+            orphan = studio is None or studio.data_dir != folder.resolve()
+            if orphan and (folder / "runs").is_dir():
+                log.warning("users/%s belongs to no known account; only its runs are recovered", folder.name)
+                Studio(folder, shared=self.shared, confined=True, **self._kwargs)
 
     def get(self, request) -> Studio:
         """The Studio of the user behind a Gradio request; UserError when they may not use the app."""
@@ -628,6 +919,8 @@ class Studios:
         return base_model_choices(self.base_model)
 
     def base_model_note(self, base_model: str) -> str:
+        if self.policy.required and not _offered(base_model, self.base_model):
+            return refused_base_model(self.base_model)
         return base_model_note(base_model)
 
     @property

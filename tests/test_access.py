@@ -94,7 +94,7 @@ def test_api_needs_login_and_users_are_kept_apart(two_user_app, tmp_path):
     report = alice.predict(photos=[handle_file(str(p)) for p in photos], dataset="alice-dog", crop="center",
                            api_name="/prepare_photos")  # fmt: skip
     assert len(report["accepted"]) == 2
-    assert (studios.data_dir / "users" / "alice" / "datasets" / "alice-dog" / "report.json").is_file()
+    assert (studios.user_dir("alice") / "datasets" / "alice-dog" / "report.json").is_file()
     assert studios.for_user("alice").list_datasets() == ["alice-dog"]
     assert studios.for_user("bob").list_datasets() == []
     # Bob cannot reach Alice's photo set by name, nor see her job.
@@ -105,7 +105,7 @@ def test_api_needs_login_and_users_are_kept_apart(two_user_app, tmp_path):
     mallory = Client(url, auth=("mallory", "pw-m"), verbose=False)
     with pytest.raises(AppError, match="mallory may not use this app"):
         mallory.predict(api_name="/list_adapters")
-    assert not (studios.data_dir / "users" / "mallory").exists()
+    assert not studios.user_dir("mallory").exists()
 
 
 def test_one_gpu_one_training_across_users(tmp_path):
@@ -131,7 +131,7 @@ def test_one_gpu_one_training_across_users(tmp_path):
     assert alice.runner.wait(20)
     assert alice.training_status()["state"] == "finished"
     assert not studios.shared.gpu.locked()
-    assert str(trainer.configs[0].output_dir).startswith(str(tmp_path / "users" / "alice" / "runs"))
+    assert str(trainer.configs[0].output_dir).startswith(str(studios.user_dir("alice") / "runs"))
 
 
 def test_restart_recovers_every_users_runs_at_boot(tmp_path):
@@ -146,7 +146,8 @@ def test_restart_recovers_every_users_runs_at_boot(tmp_path):
     assert studios.for_user("alice").training_status()["state"] == "interrupted"
     assert studios.for_user("bob").training_status()["state"] == "lost"
     for user, run in (("alice", "r1"), ("bob", "r2")):
-        status = (tmp_path / "users" / user / "runs" / run / "status.json").read_text()
+        # Folders from before one-to-one user folders (users/<name>) are moved to their new name.
+        status = (studios.user_dir(user) / "runs" / run / "status.json").read_text()
         assert '"running"' not in status
 
 
@@ -168,7 +169,7 @@ def test_gradio_client_token_identifies_the_user_end_to_end(tmp_path):
                             **app.launch_options(studios))  # fmt: skip
     try:
         assert Client(url, token="hf_carol", verbose=False).predict(api_name="/list_adapters") == []
-        assert (tmp_path / "users" / "carol").is_dir()
+        assert studios.user_dir("carol").is_dir()
         with pytest.raises(AppError, match="Log in first"):
             Client(url, verbose=False).predict(api_name="/list_adapters")
         with pytest.raises(AppError, match="Log in first"):

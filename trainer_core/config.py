@@ -29,6 +29,7 @@ TINY_MODELS: dict[str, tuple[str, str]] = {
     "tiny-sd15": ("sd15", "tiny-sd15 (offline test model, produces noise)"),
     "tiny-sdxl": ("sdxl", "tiny-sdxl (offline test model, produces noise)"),
 }
+MAX_LEARNING_RATE = 1.0
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -175,8 +176,12 @@ class TrainConfig:
             raise bad("checkpoints_total_limit", "must be >= 1 or unset")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", f"must be a positive number, got {self.alpha}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise bad("learning_rate", f"must be a positive number, got {self.learning_rate}")
+        # AdamW on a LoRA trains at 1e-5 to 1e-3; anything above 1 only ends in NaN mid-run.
+        if not (0 < self.learning_rate <= MAX_LEARNING_RATE):
+            raise bad(
+                "learning_rate",
+                f"must be a number above 0 and at most 1 (1e-4 is usual), got {self.learning_rate}",
+            )
         if not (self.prior_loss_weight >= 0 and math.isfinite(self.prior_loss_weight)):
             raise bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:

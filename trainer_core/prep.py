@@ -261,7 +261,7 @@ def prepare_photos(
     except OSError as e:
         raise TrainingError(
             f"Could not write the prepared photos to {out} ({e.strerror or e}); "
-            "free some disk space or choose another folder."
+            "free disk space or choose another folder."
         ) from e
     log.info("prep: %s into %s", report.summary(), out)
     return report
