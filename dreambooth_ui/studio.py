@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 TINY_MODELS = {
     "tiny-sd15": "tiny-sd15 (offline test model, produces noise)",
     "tiny-sdxl": "tiny-sdxl (offline test model, produces noise)",
+    "tiny-shapes": "tiny-shapes (offline, knows simple coloured shapes: learns a subject in minutes)",
 }
 HUB_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "Stable Diffusion 1.5",

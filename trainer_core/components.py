@@ -25,7 +25,7 @@ from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
 
 log = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny-sd15", "tiny-sdxl")
+TINY_MODELS = ("tiny-sd15", "tiny-sdxl", "tiny-shapes")
 ARCHITECTURES = ("sd15", "sdxl")
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -313,6 +313,10 @@ def tiny_model_dir(name: str) -> Path:
     """
     import fcntl
 
+    if name == "tiny-shapes":  # pretrained, shipped in the repository (see tiny_shapes.py)
+        from .tiny_shapes import MODEL_DIR
+
+        return MODEL_DIR
     arch = name.removeprefix("tiny-")
     path = studio_home() / "models" / name
     if (path / "model_index.json").exists():

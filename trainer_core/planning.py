@@ -31,6 +31,8 @@ def check_base_model(base_model: str) -> str:
     name = (base_model or "").strip()
     if not name:
         return "Choose a base model."
+    if name == "tiny-shapes":
+        return "tiny-shapes is a tiny model pretrained on simple coloured shapes: it learns a subject offline in minutes."
     if name in TINY_MODELS:
         return f"{name} is a tiny random model built offline in seconds: it produces noise and is for trying the app."
     try:
@@ -78,7 +80,7 @@ def guess_architecture(base_model: str) -> str | None:
     """ "sd15", "sdxl" or None, from the name or the UNet config on disk (cache included)."""
     name = (base_model or "").strip()
     if name.startswith("tiny-"):
-        return name.removeprefix("tiny-")
+        return "sdxl" if name.endswith("xl") else "sd15"
     config = _unet_config(name)
     if config is not None:
         # SDXL's UNet takes pooled text embeddings and time ids ("text_time"); SD 1.5's does not.
@@ -91,7 +93,7 @@ def native_resolution(base_model: str) -> int:
     from .shapes import TINY_SD15, TINY_SDXL, SD15Shape, SDXLShape
 
     name = (base_model or "").strip()
-    if name == "tiny-sd15":
+    if name in ("tiny-sd15", "tiny-shapes"):
         return TINY_SD15.resolution
     if name == "tiny-sdxl":
         return TINY_SDXL.resolution
