@@ -92,7 +92,9 @@ def build_models(tokenizer, seed: int):
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=1,
-        norm_num_groups=8,
+        # Two groups: with one channel per group (8 of 8) every channel is normalised on its own
+        # and the decoder loses the picture's colours (seen: grey reconstructions).
+        norm_num_groups=2,
         sample_size=tiny_shapes.RESOLUTION,
     )
     torch.manual_seed(seed + 2)
@@ -252,15 +254,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=tiny_shapes.MODEL_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--unet-steps", type=int, default=1800)
-    parser.add_argument("--pictures", type=int, default=4000)
+    parser.add_argument("--unet-steps", type=int, default=1200)
+    parser.add_argument("--pictures", type=int, default=3000)
     parser.add_argument(
         "--stop-after",
         type=int,
         default=None,
         help="Stop after this many UNet steps (of the --unet-steps schedule).",
     )
-    parser.add_argument("--save-every", type=int, default=200, help="Write the model every N UNet steps.")
+    parser.add_argument("--save-every", type=int, default=300, help="Write the model every N UNet steps.")
     parser.add_argument("--batch", type=int, default=48, help="UNet batch size.")
     # One thread: on a busy 2-core machine two threads spend most of their time waiting on each other.
     parser.add_argument("--threads", type=int, default=1)

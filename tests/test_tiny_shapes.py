@@ -16,6 +16,11 @@ import pytest
 from trainer_core import tiny_shapes
 from trainer_core.config import QUICK_TRY, quick_try_config
 
+needs_weights = pytest.mark.skipif(
+    not (tiny_shapes.MODEL_DIR / "model_index.json").exists(),
+    reason="tiny-shapes weights not built (make pretrain-shapes)",
+)
+
 
 def test_reader_reads_the_training_pictures():
     examples = [tiny_shapes.draw_example(i, seed=7) for i in range(200)]
@@ -25,6 +30,16 @@ def test_reader_reads_the_training_pictures():
     assert all((r.shape, r.colour) == ("circle", "red") for r in subject), subject
 
 
+def test_missing_weights_are_one_sentence(monkeypatch, tmp_path):
+    from trainer_core.components import load_components
+    from trainer_core.events import TrainingError
+
+    monkeypatch.setattr(tiny_shapes, "MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(TrainingError, match="make pretrain-shapes"):
+        load_components("tiny-shapes")
+
+
+@needs_weights
 def test_loads_through_the_real_loading_path():
     from trainer_core.components import architecture, default_resolution, load_components
     from trainer_core.planning import guess_architecture, native_resolution
@@ -108,6 +123,7 @@ def quick_run(subject_photos, tmp_path_factory):
     return train(quick_try_config(str(subject_photos), str(out / "run"), num_validation_images=0))
 
 
+@needs_weights
 def test_dreambooth_learns_the_subject(quick_run, subject_photos, generator):
     photos = photos_of(subject_photos)
     adapter = quick_run.adapter_dir
@@ -123,6 +139,7 @@ def test_dreambooth_learns_the_subject(quick_run, subject_photos, generator):
     assert with_token < 0.6 * without_token, (with_token, without_token)
 
 
+@needs_weights
 @pytest.mark.slow
 def test_prior_preservation_keeps_the_class(quick_run, subject_photos, generator, tmp_path):
     """ "a photo of a circle" after training stays nearer the base model's circles (same seeds) with the

@@ -314,9 +314,9 @@ def tiny_model_dir(name: str) -> Path:
     import fcntl
 
     if name == "tiny-shapes":  # pretrained, shipped in the repository (see tiny_shapes.py)
-        from .tiny_shapes import MODEL_DIR
+        from .tiny_shapes import model_dir
 
-        return MODEL_DIR
+        return model_dir()
     arch = name.removeprefix("tiny-")
     path = studio_home() / "models" / name
     if (path / "model_index.json").exists():

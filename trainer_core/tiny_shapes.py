@@ -45,6 +45,18 @@ SAMPLING = dict(steps=20, guidance=4.0, scheduler="dpm++")
 _SUPERSAMPLE = 4  # drawn at 4x and reduced: anti-aliased edges, as in a photo
 
 
+def model_dir() -> Path:
+    """The shipped model's folder; a one-sentence TrainingError when its weights are missing."""
+    if not (MODEL_DIR / "model_index.json").exists():
+        from .events import TrainingError
+
+        raise TrainingError(
+            f"The tiny-shapes weights are not in {MODEL_DIR}; build them with make pretrain-shapes "
+            "(scripts/pretrain_tiny_shapes.py)."
+        )
+    return MODEL_DIR
+
+
 def caption(shape: str, colour: str | None) -> str:
     return f"a photo of a {colour} {shape}" if colour else f"a photo of a {shape}"
 
