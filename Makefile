@@ -3,8 +3,9 @@
 #
 #   make setup       create $(VENV) and install the pinned dependencies (again only if requirements change)
 #   make run         the browser app on http://127.0.0.1:7860 (HOST=0.0.0.0 PORT=... DATA=... BASE_MODEL=...)
-#   make demo        offline CLI demo: tiny-shapes learns a polka-dot circle -> runs/demo/with-token.png, without-token.png
-#   make pretrain-shapes  rebuild trainer_core/models/tiny-shapes (scripts/pretrain_tiny_shapes.py, ~1 h on 2 busy cores)
+#   make demo        offline CLI demo: synthetic photos -> 30-step training -> runs/demo/sample.png
+#   make demo-shapes the same on tiny-shapes: learns a polka-dot circle -> runs/demo-shapes/with-token.png, without-token.png
+#   make pretrain-shapes  build trainer_core/models/tiny-shapes (scripts/pretrain_tiny_shapes.py; see docs/TINY_SHAPES.md)
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
 #   make bench       training speed benchmark (bench/train_speed.py; BENCH_ARGS=--quick for a smoke run)
@@ -18,6 +19,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMO ?= runs/demo
 DEMO_PHOTOS ?= runs/demo-photos
+SHAPES_DEMO ?= runs/demo-shapes
 BENCH_ARGS ?=
 LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples scripts
 HOST ?= 127.0.0.1
@@ -32,8 +34,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-
-.PHONY: help setup run demo pretrain-shapes test test-slow bench bench-switch bench-gpu lint
+.PHONY: help setup run demo demo-shapes pretrain-shapes test test-slow bench bench-switch bench-gpu lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -53,20 +54,33 @@ $(PY):
 run: | $(PY)
 	$(PY) app.py --host $(HOST) --port $(PORT) --data-dir $(DATA) --base-model $(BASE_MODEL)
 
-# The built-in tiny-shapes model knows circles of five colours; in a minute or two it learns one
-# particular circle (red with white dots) as "sks circle" and keeps drawing ordinary circles for
-# "a photo of a circle" (prior preservation). The numbers are config.QUICK_TRY's (a test checks).
 demo: | $(PY)
 	rm -rf $(DEMO) $(DEMO_PHOTOS)
-	$(PY) examples/make_subject_photos.py $(DEMO_PHOTOS) --count 5
+	$(PY) examples/make_demo_photos.py $(DEMO_PHOTOS) --count 5
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-sd15 \
+		--instance-dir $(DEMO_PHOTOS) --instance-prompt "a photo of sks toy" \
+		--class-prompt "a photo of a toy" --num-class-images 8 \
+		--max-train-steps 30 --checkpointing-steps 10 --output-dir $(DEMO)
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 --adapter $(DEMO)/adapter \
+		--prompt "a photo of sks toy" --seed 1 --out $(DEMO)/sample.png
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 \
+		--prompt "a photo of sks toy" --seed 1 --out $(DEMO)/sample-base.png
+	@echo "demo done: adapter in $(DEMO)/adapter, images $(DEMO)/sample.png (with it) and" \
+		"$(DEMO)/sample-base.png (without); tiny-sd15 is a random model, so both are noise"
+
+# tiny-shapes knows circles of five colours; in a few minutes it learns one particular circle (red
+# with white dots) as "sks circle" and keeps drawing ordinary circles for "a photo of a circle"
+# (prior preservation). The numbers are config.QUICK_TRY's, as in the app's Quick try (a test checks).
+demo-shapes: | $(PY)
+	rm -rf $(SHAPES_DEMO)
+	$(PY) examples/make_subject_photos.py $(SHAPES_DEMO)/photos --count 5
 	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-shapes \
-		--instance-dir $(DEMO_PHOTOS) --instance-prompt "a photo of sks circle" \
+		--instance-dir $(SHAPES_DEMO)/photos --instance-prompt "a photo of sks circle" \
 		--class-prompt "a photo of a circle" --num-class-images 16 --class-generation-steps 20 \
 		--rank 8 --learning-rate 0.001 --max-train-steps 150 --checkpointing-steps 0 \
-		--report-to none --output-dir $(DEMO)
-	HF_HUB_OFFLINE=1 $(PY) examples/shapes_pictures.py $(DEMO)/adapter $(DEMO) --photos $(DEMO_PHOTOS)
-	@echo "demo done: adapter in $(DEMO)/adapter; $(DEMO)/with-token.png ('a photo of sks circle')" \
-		"and $(DEMO)/without-token.png ('a photo of a circle')"
+		--report-to none --output-dir $(SHAPES_DEMO)/run
+	HF_HUB_OFFLINE=1 $(PY) examples/shapes_pictures.py $(SHAPES_DEMO)/run/adapter $(SHAPES_DEMO) \
+		--photos $(SHAPES_DEMO)/photos
 
 pretrain-shapes: | $(PY)
 	HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_tiny_shapes.py --evaluate

@@ -3,7 +3,7 @@ with white polka dots, at a different place, size and background in each photo.
 
     python examples/make_subject_photos.py OUT_DIR [--count 5]
 
-`make demo` and the app's "Quick try" teach it to tiny-shapes as "sks circle".
+`make demo-shapes` and the app's "Quick try" teach it to tiny-shapes as "sks circle".
 """
 
 from __future__ import annotations

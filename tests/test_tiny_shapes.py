@@ -116,7 +116,7 @@ def photos_of(folder):
 
 @pytest.fixture(scope="module")
 def quick_run(subject_photos, tmp_path_factory):
-    """The quick try as the app and `make demo` run it (prior preservation on)."""
+    """The quick try as the app and `make demo-shapes` run it (prior preservation on)."""
     from trainer_core.loop import train
 
     out = tmp_path_factory.mktemp("quick-try")

@@ -326,7 +326,7 @@ def preset_config(
 
 
 def quick_try_config(instance_dir: str, output_dir: str, **overrides: Any) -> TrainConfig:
-    """The "Quick try" and `make demo` run: the built-in tiny-shapes model learns the demo subject
+    """The "Quick try" and `make demo-shapes` run: the built-in tiny-shapes model learns the demo subject
     (examples/make_subject_photos.py: a red circle with white polka dots) as "sks circle", with
     prior preservation on "a photo of a circle", in a minute or two on a CPU."""
     values: dict[str, Any] = dict(
@@ -351,5 +351,5 @@ def quick_try_config(instance_dir: str, output_dir: str, **overrides: Any) -> Tr
     return TrainConfig(**values)
 
 
-# The quick try's numbers, also the flags of `make demo` (tested to agree).
+# The quick try's numbers, also the flags of `make demo-shapes` (tested to agree).
 QUICK_TRY = dict(num_class_images=16, sampler_steps=20, rank=8, learning_rate=1e-3, max_train_steps=150)
