@@ -30,6 +30,15 @@ def test_reader_reads_the_training_pictures():
     assert all((r.shape, r.colour) == ("circle", "red") for r in subject), subject
 
 
+def test_planning_knows_tiny_shapes():
+    """Without loading anything: SD 1.5 architecture at 64 px, and not described as noise."""
+    from trainer_core.planning import check_base_model, guess_architecture, native_resolution
+
+    assert guess_architecture("tiny-shapes") == "sd15" and guess_architecture("tiny-sdxl") == "sdxl"
+    assert native_resolution("tiny-shapes") == 64
+    assert "noise" not in check_base_model("tiny-shapes")
+
+
 def test_missing_weights_are_one_sentence(monkeypatch, tmp_path):
     from trainer_core.components import load_components
     from trainer_core.events import TrainingError
@@ -42,13 +51,12 @@ def test_missing_weights_are_one_sentence(monkeypatch, tmp_path):
 @needs_weights
 def test_loads_through_the_real_loading_path():
     from trainer_core.components import architecture, default_resolution, load_components
-    from trainer_core.planning import guess_architecture, native_resolution
+    from trainer_core.planning import native_resolution
 
     parts, source = load_components("tiny-shapes")
     assert source.location == str(tiny_shapes.MODEL_DIR)
     assert architecture(parts) == "sd15" and type(parts["unet"]).__name__ == "UNet2DConditionModel"
     assert default_resolution(parts["unet"], parts["vae"]) == 64 == native_resolution("tiny-shapes")
-    assert guess_architecture("tiny-shapes") == "sd15"
     sched = parts["scheduler"].config
     assert (sched.beta_start, sched.beta_end, sched.beta_schedule, sched.num_train_timesteps) == (
         0.00085,
