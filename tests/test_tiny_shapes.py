@@ -42,10 +42,12 @@ def test_planning_knows_tiny_shapes():
 def test_missing_weights_are_one_sentence(monkeypatch, tmp_path):
     from trainer_core.components import load_components
     from trainer_core.events import TrainingError
+    from trainer_core.planning import check_base_model
 
     monkeypatch.setattr(tiny_shapes, "MODEL_DIR", tmp_path / "absent")
     with pytest.raises(TrainingError, match="make pretrain-shapes"):
         load_components("tiny-shapes")
+    assert "make pretrain-shapes" in check_base_model("tiny-shapes")
 
 
 @needs_weights

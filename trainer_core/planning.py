@@ -32,6 +32,12 @@ def check_base_model(base_model: str) -> str:
     if not name:
         return "Choose a base model."
     if name == "tiny-shapes":
+        from .tiny_shapes import model_dir
+
+        try:
+            model_dir()
+        except TrainingError as e:
+            return str(e)
         return "tiny-shapes is a tiny model pretrained on simple coloured shapes: it learns a subject offline in minutes."
     if name in TINY_MODELS:
         return f"{name} is a tiny random model built offline in seconds: it produces noise and is for trying the app."
