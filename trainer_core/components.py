@@ -316,6 +316,10 @@ def tiny_model_dir(name: str) -> Path:
     """
     import fcntl
 
+    if name == "tiny-shapes":  # pretrained, shipped in the repository (see tiny_shapes.py)
+        from .tiny_shapes import model_dir
+
+        return model_dir()
     arch = TINY_MODELS[name][0]
     path = studio_home() / "models" / name
     if (path / "model_index.json").exists():

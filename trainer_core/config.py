@@ -28,6 +28,11 @@ SUBJECT_TYPES = ("person", "pet", "object", "style")
 TINY_MODELS: dict[str, tuple[str, str]] = {
     "tiny-sd15": ("sd15", "tiny-sd15 (offline test model, produces noise)"),
     "tiny-sdxl": ("sdxl", "tiny-sdxl (offline test model, produces noise)"),
+    # pretrained on simple coloured shapes, shipped in the repository once its weights are built
+    "tiny-shapes": (
+        "sd15",
+        "tiny-shapes (offline, knows simple coloured shapes: learns a subject in minutes)",
+    ),
 }
 MAX_LEARNING_RATE = 1.0
 
@@ -333,3 +338,33 @@ def preset_config(
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def quick_try_config(instance_dir: str, output_dir: str, **overrides: Any) -> TrainConfig:
+    """The "Quick try" and `make demo-shapes` run: the built-in tiny-shapes model learns the demo subject
+    (examples/make_subject_photos.py: a red circle with white polka dots) as "sks circle", with
+    prior preservation on "a photo of a circle", in a minute or two on a CPU."""
+    values: dict[str, Any] = dict(
+        base_model="tiny-shapes",
+        instance_dir=instance_dir,
+        output_dir=output_dir,
+        instance_prompt="a photo of sks circle",
+        token="sks",
+        class_prompt="a photo of a circle",
+        with_prior_preservation=True,
+        num_class_images=QUICK_TRY["num_class_images"],
+        class_generation_steps=QUICK_TRY["sampler_steps"],
+        validation_inference_steps=QUICK_TRY["sampler_steps"],
+        rank=QUICK_TRY["rank"],
+        learning_rate=QUICK_TRY["learning_rate"],
+        max_train_steps=QUICK_TRY["max_train_steps"],
+        checkpointing_steps=0,
+        num_validation_images=2,
+        report_to="none",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# The quick try's numbers, also the flags of `make demo-shapes` (tested to agree).
+QUICK_TRY = dict(num_class_images=16, sampler_steps=20, rank=8, learning_rate=1e-3, max_train_steps=150)
