@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints, runs, tracking
+from . import adapters, checkpoints, evaluate, runs, tracking
 from .class_images import class_cache_dir, generate_class_images
 from .components import (
     add_lora,
@@ -967,6 +967,12 @@ def _validate(
             image.save(target)
             saved.append(str(target))
             images.setdefault(f"{label}_token", []).append(image)
+    # Scores of this round (off unless eval_models finds its models); own generators, forked RNG.
+    scores = evaluate.score_round(
+        config, step, pipe, paths["config"].parent, resolution=resolution, emit=emit,
+        autocast=accelerator.autocast if decode_fp32 else None,
+    )  # fmt: skip
+    tracking.log_scores(accelerator, scores)
     vae.to("cpu")
     unet_model.train()
     for te, te_device in zip(te_models, te_devices, strict=True):
