@@ -157,11 +157,12 @@ def _train(tiny_model, photos, class_dir, out, eval_models):
         photos,
         out,
         class_data_dir=str(class_dir),
-        max_train_steps=4,
-        validation_steps=2,
-        checkpointing_steps=2,
+        max_train_steps=2,
+        validation_steps=1,
+        checkpointing_steps=1,
         checkpoints_total_limit=None,
         num_validation_images=1,
+        validation_inference_steps=1,
         eval_models=eval_models,
         num_eval_prompts=2,
         num_eval_class_images=1,
@@ -184,14 +185,14 @@ def _rows(run):
 
 def test_a_short_run_scores_every_round(runs_with_scores):
     rows = _rows(runs_with_scores["a"])
-    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         for key in ("dino", "clip_i", "clip_t", "pres"):
             assert math.isfinite(r[key]) and -1.0 <= r[key] <= 1.0, (key, r)
         assert r["dino_n"] == 2 * 4 and r["clip_i_n"] == 2 * 4 and r["clip_t_n"] == 2 and r["pres_n"] == 4
         assert r["source"] == "validation" and r["eval_models"] == "tiny"
     run_dir = runs_with_scores["a"].adapter_dir.parent
-    assert sorted(p.name for p in (run_dir / "eval" / "step-000002").iterdir()) == [
+    assert sorted(p.name for p in (run_dir / "eval" / "step-000001").iterdir()) == [
         "class-0.png",
         "scene-0.png",
         "scene-1.png",
@@ -228,23 +229,23 @@ def test_evaluate_export_and_runs_show_on_a_finished_run(runs_with_scores, tiny_
     code, out, err = _cli(capsys, "evaluate", str(run_dir), "--eval-models", "tiny")
     assert code == 0, err
     result = json.loads(out.splitlines()[-1])
-    assert result["scored_steps"] == [2, 4] and result["best_checkpoint"]["step"] in (2, 4)
+    assert result["scored_steps"] == [1, 2] and result["best_checkpoint"]["step"] in (1, 2)
     after = {r["step"]: r for r in _rows(runs_with_scores["a"])}
     # A checkpoint's LoRA loaded into a fresh pipeline scores as the in-training model did.
-    for step in (2, 4):
+    for step in (1, 2):
         assert after[step]["source"] == "checkpoint"
         for key in evaluate.METRICS:
             assert after[step][key] == pytest.approx(during[step][key], abs=1e-3), (step, key)
 
     code, out, err = _cli(capsys, "runs", "show", str(run_dir))
     shown = json.loads(out)
-    assert code == 0 and [r["step"] for r in shown["scores"]] == [2, 4]
+    assert code == 0 and [r["step"] for r in shown["scores"]] == [1, 2]
     assert shown["best_checkpoint"]["step"] == result["best_checkpoint"]["step"]
 
     code, out, err = _cli(
         capsys, "export-checkpoint", str(run_dir), "--step", "9", "--out", str(tmp_path / "x")
     )
-    assert code == 1 and "no checkpoint at step 9 (saved steps: 2, 4)" in err
+    assert code == 1 and "no checkpoint at step 9 (saved steps: 1, 2)" in err
     code, out, err = _cli(capsys, "evaluate", str(run_dir), "--eval-models", "none")
     assert code == 1 and err.startswith("error: Scores are off") and len(err.strip().splitlines()) == 1
 
