@@ -130,17 +130,22 @@ def test_auto_is_off_with_a_reason_when_the_models_are_not_cached(monkeypatch):
     assert evaluate.load_eval_models("none") == (None, "Scores are off (eval_models is none).")
 
 
-def test_scoring_leaves_the_global_random_stream_alone(tiny_model, photos, tmp_path):
+def test_scoring_leaves_the_global_random_stream_alone(tiny_model, photos, tmp_path, monkeypatch):
+    """The first round builds and loads the tiny models, then renders and scores: the global RNG
+    (which peft's LoRA init and anything unseeded in training draw from) is as it was."""
     from trainer_core.components import assemble_pipeline, load_components
 
     parts, _ = load_components(str(tiny_model))
     pipe = assemble_pipeline(parts)
     cfg = base_config(tiny_model, photos, tmp_path, eval_models="tiny", num_eval_prompts=1)
-    evaluate.release_eval_models()  # loading the models is part of the first round
+    monkeypatch.setenv("DREAMBOOTH_STUDIO_HOME", str(tmp_path / "home"))  # the tiny models are built too
+    evaluate.release_eval_models()
     torch.manual_seed(123)
     state = torch.get_rng_state()
     row = evaluate.score_round(cfg, 1, pipe, tmp_path, write=False)
+    evaluate.release_eval_models()
     assert torch.equal(state, torch.get_rng_state())
+    assert (tmp_path / "home" / "models" / "tiny-eval" / "clip" / "config.json").is_file()
     assert row["step"] == 1 and not (tmp_path / evaluate.SCORES_FILE).exists()
 
 
