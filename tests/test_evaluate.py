@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,35 @@ def test_best_checkpoint_rule_on_a_hand_written_table():
     # Rows rescored without PRES (no class prompt) are judged on the bounds they have.
     no_pres = [{**r, "pres": None} for r in SCORES]
     assert best_checkpoint(no_pres)["step"] == 400
+
+
+def test_best_checkpoint_of_a_run_is_a_saved_one_and_needs_no_torch(tmp_path):
+    """The page's call: the rule from the run's config, candidates among checkpoints on disk, and
+    torch never imported."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"best_clip_t_tolerance": 0.2}))
+    (run / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SCORES))
+    for step in (100, 300, 500):
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir()
+        if step != 500:  # checkpoint-500 is incomplete: no state.json
+            (run / "checkpoints" / f"checkpoint-{step}" / "state.json").write_text("{}")
+    code = (
+        "import sys, json; from trainer_core import evaluate\n"
+        f"best = evaluate.best_checkpoint_for_run({str(run)!r})\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(json.dumps(best))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    ).stdout
+    best = json.loads(out)
+    assert best["step"] == 300 and best["path"] == str(run / "checkpoints" / "checkpoint-300")
+    assert best["rule"] == {"metric": "dino", "clip_t_tolerance": 0.2, "pres_tolerance": 0.1}
 
 
 def test_rule_comes_from_the_run_config(tiny_model, photos, tmp_path):

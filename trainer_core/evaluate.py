@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -531,18 +532,29 @@ def best_checkpoint(
 def best_checkpoint_for_run(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's best checkpoint among those still on disk (rule from its config), with `path`."""
     from . import runs
-    from .checkpoints import list_checkpoints
 
     run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    saved = dict(list_checkpoints(run_dir / "checkpoints"))
+    saved = _saved_checkpoints(run_dir / "checkpoints")
     best = best_checkpoint(runs.read_scores(run_dir), BestRule.from_config(config), steps=list(saved))
     if best is not None:
         best["path"] = str(saved[best["step"]])
     return best
+
+
+def _saved_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
+    """{step: folder} of complete checkpoints (state.json written last), like
+    `checkpoints.list_checkpoints` but without importing torch (the page calls this)."""
+    found = {}
+    if checkpoints_dir.is_dir():
+        for p in checkpoints_dir.iterdir():
+            m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+            if m and (p / "state.json").is_file():
+                found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +641,7 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
     from . import runs
     from .adapters import default_adapter_name, save_adapter
     from .checkpoints import list_checkpoints
-    from .components import assemble_pipeline, load_components
+    from .components import assemble_pipeline, default_resolution, load_components
     from .inference import describe_adapter, load_adapter
 
     run_dir, out = Path(run_dir), Path(out)
@@ -656,7 +668,7 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
         "class_prompt": config.class_prompt,
         "with_prior_preservation": config.with_prior_preservation,
         "steps": step,
-        "resolution": config.resolution,
+        "resolution": config.resolution or default_resolution(pipe.unet, pipe.vae),
         "final_loss": at_step.get("loss"),
         "final_instance_loss": at_step.get("instance_loss"),
         "final_prior_loss": at_step.get("prior_loss"),
