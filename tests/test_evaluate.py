@@ -158,6 +158,9 @@ def test_auto_is_off_with_a_reason_when_the_models_are_not_cached(monkeypatch):
     assert models is None
     assert why.startswith("Scores are off:") and "no-such-clip" in why and "\n" not in why
     assert evaluate.load_eval_models("none") == (None, "Scores are off (eval_models is none).")
+    on, line = evaluate.eval_status("auto")  # the page's line, without loading anything
+    assert not on and line.startswith("Scores are off:") and "no-such-clip" in line
+    assert evaluate.eval_status("tiny")[0] and not evaluate.eval_status("none")[0]
 
 
 def test_scoring_leaves_the_global_random_stream_alone(tiny_model, photos, tmp_path, monkeypatch):

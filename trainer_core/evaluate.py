@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -248,6 +249,28 @@ def load_eval_models(spec: str) -> tuple[EvalModels | None, str]:
         return _load_pair(CLIP_MODEL, DINO_MODEL, local_only=False, label=label), ""
     except (OSError, ValueError) as e:
         return None, f"Scores are off: the CLIP and DINO models could not be downloaded ({_first_line(e)})."
+
+
+def eval_status(spec: str) -> tuple[bool, str]:
+    """(on, one line for the page) for `spec`, without loading anything (no torch): whether a
+    training run's rounds will be scored and with what."""
+    if spec == "none":
+        return False, "Scores are off (eval_models is none)."
+    if spec == "tiny":
+        return True, "Scores use tiny random models: they try the flow and say nothing about the subject."
+    from huggingface_hub import try_to_load_from_cache
+
+    if all(isinstance(try_to_load_from_cache(m, "config.json"), str) for m in (CLIP_MODEL, DINO_MODEL)):
+        return True, f"Scores use {CLIP_MODEL} and {DINO_MODEL} from the local Hugging Face cache."
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False, (
+            f"Scores are off: {CLIP_MODEL} and {DINO_MODEL} are not in the local Hugging Face cache "
+            "and the Hub is off (HF_HUB_OFFLINE)."
+        )
+    return (
+        True,
+        f"Scores will download {CLIP_MODEL} and {DINO_MODEL} at the first round (off if the Hub is unreachable).",
+    )
 
 
 # One loaded pair per process (the run being trained or scored); a new spec replaces it.
