@@ -35,6 +35,8 @@ TINY_MODELS: dict[str, tuple[str, str]] = {
     ),
 }
 MAX_LEARNING_RATE = 1.0
+EVAL_MODELS = ("auto", "tiny", "none")
+BEST_METRICS = ("dino", "clip_i")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -125,6 +127,29 @@ class TrainConfig:
     validation_steps: int = _f(0, "Make validation images every N steps (0: only at the end).")
     num_validation_images: int = _f(1, "Validation images per prompt (0: none at all).")
     validation_inference_steps: int = _f(25, "Sampler steps for validation images.")
+    # scores of validation rounds (trainer_core/evaluate.py)
+    eval_models: str = _f(
+        "auto",
+        "Score each validation round (subject fidelity DINO / CLIP-I, prompt fidelity CLIP-T, prior "
+        "preservation PRES) into scores.jsonl: auto (the real CLIP and DINO models when cached or "
+        "downloadable, else off with the reason), tiny (tiny random models, offline, for tests) or none.",
+    )
+    num_eval_prompts: int = _f(
+        4, "Scene prompts per scored round ('a sks dog in the jungle', ...), one image each, fixed seeds."
+    )
+    num_eval_class_images: int = _f(
+        2, "Class-prompt images per scored round, for PRES (how much the class drifted towards the subject)."
+    )
+    best_metric: str = _f(
+        "dino", "Subject fidelity the best checkpoint maximises: dino (the paper's choice) or clip_i."
+    )
+    best_clip_t_tolerance: float = _f(
+        0.1,
+        "Best checkpoint: a candidate's CLIP-T may fall at most this fraction below the earliest round's.",
+    )
+    best_pres_tolerance: float = _f(
+        0.1, "Best checkpoint: a candidate's PRES may rise at most this fraction above the earliest round's."
+    )
     # checkpoints
     checkpointing_steps: int = _f(
         100, "Save a resumable checkpoint every N steps and at the end (0: only at the end and on a stop)."
@@ -162,6 +187,7 @@ class TrainConfig:
             "class_generation_batch_size",
             "logging_steps",
             "validation_inference_steps",
+            "num_eval_prompts",
         )
         for name in _positive_ints:
             value = getattr(self, name)
@@ -173,6 +199,7 @@ class TrainConfig:
             "checkpointing_steps",
             "seed",
             "num_validation_images",
+            "num_eval_class_images",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -203,6 +230,14 @@ class TrainConfig:
             raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise bad("prediction_type", f"must be one of {', '.join(PREDICTION_TYPES)}")
+        if self.eval_models not in EVAL_MODELS:
+            raise bad("eval_models", f"must be one of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
+        if self.best_metric not in BEST_METRICS:
+            raise bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        for name in ("best_clip_t_tolerance", "best_pres_tolerance"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value <= 1):
+                raise bad(name, f"must be a fraction between 0 and 1, got {value!r}")
         from .tracking import parse_report_to
 
         parse_report_to(self.report_to)  # raises ValueError("report_to: ...")

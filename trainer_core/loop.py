@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints, runs, tracking
+from . import adapters, checkpoints, evaluate, runs, tracking
 from .class_images import class_cache_dir, class_image_dtype, decode_latents, generate_class_images
 from .components import (
     add_lora,
@@ -804,6 +804,17 @@ def validate(config, accelerator, paths: RunPaths, models: Models, step: int, re
             image.save(target)
             saved.append(str(target))
             images.setdefault(f"{label}_token", []).append(image)
+    # Scores of this round (off unless eval_models finds its models); own generators, forked RNG.
+    scores = evaluate.score_round(
+        config,
+        step,
+        pipe,
+        paths.root,
+        resolution=resolution,
+        emit=emit,
+        autocast=accelerator.autocast if half else None,
+    )
+    tracking.log_scores(accelerator, scores)
     models.vae.to("cpu")
     models.unet.train()
     for te, te_device in zip(models.text_encoders, te_devices, strict=True):
