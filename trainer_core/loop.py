@@ -52,6 +52,7 @@ from .events import (
     no_emit,
 )
 from .fileio import append_jsonl, atomic_write_json
+from .optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,8 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
-    optimizer = _make_optimizer(config, params)
+    te_params = lora_parameters(*text_encoders) if config.train_text_encoder else []
+    optimizer = make_optimizer(config, lora_parameters(unet), te_params)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -765,24 +767,6 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
         "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
     }
     return latents_t, prompt_embeds, added_cond
-
-
-def _make_optimizer(config: TrainConfig, params):
-    kwargs = dict(
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.use_8bit_adam:
-        if not torch.cuda.is_available():
-            raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if config.fused_adam else {}))
 
 
 def _enable_xformers(unet) -> None:
