@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from single_file_writer import unet_ldm_key
+from safetensors.torch import load_file, save_file
+from single_file_writer import clip_ldm_key, unet_ldm_key, write_single_file
 
 
 def lora_modules(diffusers_file: Path) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
@@ -95,4 +95,24 @@ def lora_layer_outputs(pipe) -> dict[str, torch.Tensor]:
                 if isinstance(module, LoraLayer) and isinstance(module.base_layer, torch.nn.Linear):
                     eye = torch.eye(module.base_layer.in_features)
                     out[f"{component}.{name}"] = module(eye)
+    return out
+
+
+def original_layout_names(arch, model, tmp_path) -> dict[str, set[str]]:
+    """kohya module names of every weight of the model as kohya's own trainer names them: SDXL's UNet
+    from the original (SGM) model (tests/single_file_writer.py writes those names), SD 1.5's from
+    diffusers; text encoders from transformers' CLIP (`text_model.` included)."""
+    names = write_single_file(model, tmp_path / "single.safetensors")
+    te_prefixes = {"text_encoder": "lora_te1" if arch == "sdxl" else "lora_te", "text_encoder_2": "lora_te2"}
+    if arch == "sdxl":
+        unet = {
+            v.removeprefix("model.diffusion_model.").removesuffix(".weight") for v in names["unet"].values()
+        }
+    else:
+        unet = {k.removesuffix(".weight") for k in names["unet"]}
+    out = {"lora_unet": {f"lora_unet_{m.replace('.', '_')}" for m in unet}}
+    for component, prefix in te_prefixes.items():
+        keys = load_file(str(model / component / "model.safetensors")) if (model / component).is_dir() else {}
+        modules = {clip_ldm_key(k).removesuffix(".weight") for k in keys}
+        out[prefix] = {f"{prefix}_{m.replace('.', '_')}" for m in modules}
     return out

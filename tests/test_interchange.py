@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import base_config
-from foreign_lora import lora_layer_outputs, write_foreign
+from foreign_lora import lora_layer_outputs, original_layout_names, write_foreign
 from safetensors.torch import load_file, save_file
-from single_file_writer import clip_ldm_key, write_single_file
 
 from trainer_core.adapters import import_adapter
 from trainer_core.events import TrainingError
@@ -125,32 +124,12 @@ def test_kohya_alpha_matters(runs, tmp_path):
     assert np.abs(_image(a) - _image(b)).max() > 1e-3
 
 
-def _original_layout_names(arch, model, tmp_path) -> dict[str, set[str]]:
-    """kohya module names of every weight of the model as kohya's own trainer names them: SDXL's UNet
-    from the original (SGM) model (tests/single_file_writer.py writes those names), SD 1.5's from
-    diffusers; text encoders from transformers' CLIP (`text_model.` included)."""
-    names = write_single_file(model, tmp_path / "single.safetensors")
-    te_prefixes = {"text_encoder": "lora_te1" if arch == "sdxl" else "lora_te", "text_encoder_2": "lora_te2"}
-    if arch == "sdxl":
-        unet = {
-            v.removeprefix("model.diffusion_model.").removesuffix(".weight") for v in names["unet"].values()
-        }
-    else:
-        unet = {k.removesuffix(".weight") for k in names["unet"]}
-    out = {"lora_unet": {f"lora_unet_{m.replace('.', '_')}" for m in unet}}
-    for component, prefix in te_prefixes.items():
-        keys = load_file(str(model / component / "model.safetensors")) if (model / component).is_dir() else {}
-        modules = {clip_ldm_key(k).removesuffix(".weight") for k in keys}
-        out[prefix] = {f"{prefix}_{m.replace('.', '_')}" for m in modules}
-    return out
-
-
 @pytest.mark.parametrize("arch, with_te", CASES)
 def test_every_kohya_module_names_a_module_of_the_original_layout_model(runs, arch, with_te, tmp_path):
     """kohya's train_network --network_weights and sdxl_merge_lora match modules by these names and
     skip the rest silently: each exported name must be one kohya itself gives a module."""
     model, folder = runs[arch, with_te]
-    allowed = _original_layout_names(arch, model, tmp_path)
+    allowed = original_layout_names(arch, model, tmp_path)
     modules = {k.split(".")[0] for k in load_file(str(folder / "sks-dog.safetensors"))}
     for module in modules:
         prefix = re.match(r"lora_(unet|te\d?)", module).group(0)

@@ -3,12 +3,17 @@ metadata, the training config, metrics, samples and a model card, written atomic
 
 Layout (the contract in DESIGN.md):
     pytorch_lora_weights.safetensors   loadable by `pipe.load_lora_weights(folder)`
-    <name>.safetensors                 kohya keys (lora_unet_*, lora_te_* for SD 1.5 or lora_te1_* /
-                                       lora_te2_* for SDXL, each module with its alpha)
+    <name>.safetensors                 kohya keys named as kohya's trainer names them (lora_unet_* from
+                                       diffusers names for SD 1.5, from the original SGM UNet for SDXL;
+                                       lora_te_*, or lora_te1_* / lora_te2_* for SDXL), each with its alpha
     adapter.json, config.json, metrics.jsonl, samples/, README.md
 
-`import_adapter` adds a LoRA file made elsewhere (diffusers/peft or kohya keys) to an adapter store
-as the same kind of folder, after checking that it is a real safetensors file that fits the base model.
+A DoRA (use_dora) is saved with its magnitudes too: `lora_magnitude_vector` in the diffusers file,
+`<module>.dora_scale` (per output feature, as ComfyUI and Forge apply it) in the kohya file.
+
+`import_adapter` adds a LoRA file made elsewhere (diffusers/peft keys, kohya keys with diffusers or
+original UNet names, ComfyUI's own keys) to an adapter store as the same kind of folder, after
+checking that it is a real safetensors file that fits the base model.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ def to_kohya(
     te_prefix: str = "lora_te",
     te2_lora: dict[str, torch.Tensor] | None = None,
     sgm_layers_per_block: int | None = None,
+    dora_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """peft-key LoRA weights -> kohya sd-scripts keys, the format A1111 and ComfyUI load.
 
@@ -76,8 +82,12 @@ def to_kohya(
     `sgm_layers_per_block`: kohya trains SDXL on the original (SGM) UNet and names its modules
     from it (input_blocks/middle_block/output_blocks); SD 1.5 keeps the diffusers names, as kohya
     writes them. Text-encoder modules are named from `text_model`, as A1111 and ComfyUI expect.
+    A DoRA's magnitudes come as `dora_scales` (kohya name -> `<name>.dora_scale`, see
+    `_dora_scales`); peft's lora_magnitude_vector keys are left out.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {
+        f"{name}.dora_scale": t.contiguous() for name, t in (dora_scales or {}).items()
+    }
     groups = (("lora_unet", unet_lora), (te_prefix, te_lora or {}), ("lora_te2", te2_lora or {}))
     for prefix, state in groups:
         for key, tensor in state.items():
@@ -89,6 +99,9 @@ def to_kohya(
                 out[f"{name}.alpha"] = torch.tensor(float(module_alpha))
             elif kind == "B.weight":
                 out[f"{name}.lora_up.weight"] = tensor.contiguous()
+            elif kind == "magnitude_vector":
+                if f"{name}.dora_scale" not in out:
+                    raise ValueError(f"no dora_scale given for the DoRA module {name}")
             else:
                 raise ValueError(f"unexpected LoRA key {key}")
     return out
@@ -169,6 +182,33 @@ def _module_alphas(
     return out
 
 
+def _dora_scales(
+    model, prefix: str, adapter: str, sgm_layers_per_block: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Each DoRA module's magnitude in the layout ComfyUI and Forge apply, by kohya name.
+
+    peft's DoRA gives a layer W' = m * (W + dW) / ||W + dW|| (row norms: one magnitude per output
+    feature). ComfyUI and Forge read a `dora_scale` of shape (out, 1) as per-output magnitudes and
+    compute W' = (W + dW) * dora_scale / ||W|| (the norm of the base weight), so the file carries
+    dora_scale = m * ||W|| / ||W + dW||, which gives them peft's W' exactly on this base model.
+    (AUTOMATIC1111 applies only per-input magnitudes, shape (1, in): no file can give it peft's DoRA.)
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if not (isinstance(module, LoraLayer) and module.use_dora.get(adapter)):
+                continue
+            base = module.get_base_layer().weight.detach().float()
+            delta = module.get_delta_weight(adapter).detach().float()
+            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float()
+            ratio = base.flatten(1).norm(dim=1) / (base + delta).flatten(1).norm(dim=1)
+            name = kohya_name(prefix, module_name, sgm_layers_per_block)
+            out[name] = (magnitude * ratio).reshape(-1, *[1] * (base.dim() - 1)).cpu()
+    return out
+
+
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Text-encoder LoRA keys under `text_model.`, the name every diffusers/transformers version
     knows (diffusers strips it again for transformers >= 5, whose CLIPTextModel lacks that level)."""
@@ -223,9 +263,11 @@ def save_adapter(
     te_prefix = "lora_te1" if arch == "sdxl" else "lora_te"
     sgm = int(unet.config.layers_per_block) if arch == "sdxl" else None  # kohya's SDXL names
     alphas = _module_alphas(unet, "lora_unet", peft_adapter, sgm)
+    dora_scales = _dora_scales(unet, "lora_unet", peft_adapter, sgm)
     for key, prefix in (("text_encoder", te_prefix), ("text_encoder_2", "lora_te2")):
         if key in te_loras:
             alphas.update(_module_alphas(encoders[key], prefix, peft_adapter))
+            dora_scales.update(_dora_scales(encoders[key], prefix, peft_adapter))
 
     save_kwargs: dict[str, Any] = dict(
         unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
@@ -234,10 +276,19 @@ def save_adapter(
         safe_serialization=True,
     )
     for key, te_lora in te_loras.items():
-        save_kwargs[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
+        te_layers = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
+        # DoRA magnitudes of a text encoder need the ".weight" ending: transformers' adapter loader
+        # (which diffusers uses for text encoders) silently skips them without it.
+        save_kwargs[f"{key}_lora_layers"] = {
+            f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in te_layers.items()
+        }
         save_kwargs[f"{key}_lora_adapter_metadata"] = encoders[key].peft_config[peft_adapter].to_dict()
     pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
+    # An adapter named like the diffusers file must not overwrite it with its kohya copy.
+    kohya_file = (
+        f"{name}.safetensors" if f"{name}.safetensors" != LORA_WEIGHT_NAME else f"{name}-kohya.safetensors"
+    )
     adapter_dir = Path(adapter_dir)
     with atomic_directory(adapter_dir, replace=replace) as tmp:
         # The adapter metadata carries lora_alpha: without it diffusers would load alpha = rank and
@@ -251,8 +302,9 @@ def save_adapter(
                 te_prefix=te_prefix,
                 te2_lora=te_loras.get("text_encoder_2"),
                 sgm_layers_per_block=sgm,
+                dora_scales=dora_scales,
             ),
-            str(tmp / f"{name}.safetensors"),
+            str(tmp / kohya_file),
             metadata={
                 "ss_network_module": "networks.lora",
                 "ss_network_dim": str(rank),
@@ -267,8 +319,9 @@ def save_adapter(
             "rank": rank,
             "alpha": alpha,
             "text_encoder_lora": bool(te_loras),
+            "dora": bool(unet_cfg.use_dora),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": f"{name}.safetensors"},
+            "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": kohya_file},
             **metadata,
         }
         (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -341,6 +394,12 @@ AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
 `<lora:{name}:1> {info.get("instance_prompt", "")}` with {checkpoint} checkpoint selected.
 
 ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
+{_DORA_NOTE if info.get("dora") else ""}"""
+
+
+_DORA_NOTE = """
+This is a DoRA: diffusers, ComfyUI and Forge apply its magnitudes. AUTOMATIC1111 reads only the
+older per-input DoRA layout and would apply this file wrongly: use ComfyUI, Forge or diffusers.
 """
 
 
@@ -494,7 +553,13 @@ def import_adapter(
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingError(f"{path.name} contains NaN or infinite values ({key}); it was not imported.")
     kind = _lora_kind(state, path.name)
-    name = sanitize_name(name or path.stem)
+    if kind != "diffusers" and any(k.endswith(".dora_scale") for k in state):
+        raise TrainingError(
+            f"{path.name} is a DoRA in kohya/ComfyUI layout, whose magnitudes (dora_scale) diffusers' "
+            "loader drops, so it would import as a different adapter; import its diffusers file instead."
+        )
+    # A diffusers file is named by its folder (every one is pytorch_lora_weights.safetensors).
+    name = sanitize_name(name or (path.parent.name if path.name == LORA_WEIGHT_NAME else path.stem))
     target = Path(adapters_dir) / name
     if target.exists():
         raise TrainingError(f"An adapter named {name} already exists in {adapters_dir}; choose another name.")

@@ -580,37 +580,53 @@ def default_resolution(unet, vae) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def unet_lora_config(rank: int, alpha: float):
+def unet_lora_config(rank: int, alpha: float, use_dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=UNET_LORA_TARGETS,
+        use_dora=use_dora,
     )
 
 
-def text_encoder_lora_config(rank: int, alpha: float):
+def text_encoder_lora_config(rank: int, alpha: float, use_dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=TEXT_ENCODER_LORA_TARGETS,
+        use_dora=use_dora,
     )
 
 
 def add_lora(
-    unet, text_encoder, *, rank: int, alpha: float, train_text_encoder: bool, text_encoder_2=None
+    unet,
+    text_encoder,
+    *,
+    rank: int,
+    alpha: float,
+    train_text_encoder: bool,
+    text_encoder_2=None,
+    use_dora: bool = False,
 ) -> None:
     """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params.
 
-    With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA.
+    With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA; with `use_dora`,
+    DoRA (each layer's weight magnitude trained apart from its LoRA-updated direction).
     """
     encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     unet.requires_grad_(False)
     for te in encoders:
         te.requires_grad_(False)
-    unet.add_adapter(unet_lora_config(rank, alpha))
+    unet.add_adapter(unet_lora_config(rank, alpha, use_dora))
     if train_text_encoder:
         for te in encoders:
-            te.add_adapter(text_encoder_lora_config(rank, alpha))
+            te.add_adapter(text_encoder_lora_config(rank, alpha, use_dora))
 
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:

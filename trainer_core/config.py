@@ -73,6 +73,11 @@ class TrainConfig:
     train_text_encoder: bool = _f(
         False, "Also train a LoRA on the text encoder's attention (both encoders for SDXL)."
     )
+    use_dora: bool = _f(
+        False,
+        "DoRA: train each layer's weight magnitude apart from its LoRA-updated direction (peft); "
+        "closer to full fine-tuning at the same rank, slower per step.",
+    )
     # data
     resolution: int | None = _f(
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."

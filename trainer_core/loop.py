@@ -260,6 +260,7 @@ def _train(config: TrainConfig, accelerator, paths: dict[str, Path], emit: Emit,
         alpha=config.lora_alpha,
         train_text_encoder=config.train_text_encoder,
         text_encoder_2=text_encoder_2,
+        use_dora=config.use_dora,
     )
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
     unet.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
