@@ -83,6 +83,11 @@ class TrainConfig:
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
     )
     random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
+    caption_dropout: float = _f(
+        0.0,
+        "Probability of training a photo with an empty caption (kohya's caption_dropout_rate, e.g. 0.1): "
+        "less of the subject is tied to the prompt's other words.",
+    )
     # optimisation
     max_train_steps: int = _f(400, "Optimizer steps to train.")
     train_batch_size: int = _f(1, "Instance images per step (as many class images are added).")
@@ -228,6 +233,8 @@ class TrainConfig:
             raise bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise bad("snr_gamma", f"must be > 0 or unset, got {self.snr_gamma}")
+        if not 0 <= self.caption_dropout < 1:
+            raise bad("caption_dropout", f"must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.noise_offset < 1:
             raise bad("noise_offset", f"must be in [0, 1), got {self.noise_offset}")
         if self.max_grad_norm < 0:

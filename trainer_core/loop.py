@@ -85,6 +85,7 @@ class _Cache:
     pooled_prompt_embeds: torch.Tensor | None = None  # (num_prompts, projection) when frozen
     instance_time_ids: list[torch.Tensor] | None = None  # each (flips, 6): size, crop, target
     class_time_ids: list[torch.Tensor] | None = None
+    dropout_prompt_id: int | None = None  # the empty caption, with caption_dropout
 
 
 def run_paths(output_dir: Path) -> dict[str, Path]:
@@ -655,7 +656,11 @@ def _build_cache(
 
     instance, instance_time_ids = encode([e.path for e in examples], 0)
     klass, class_time_ids = encode(class_paths, len(examples))
-    prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
+    prompts = sorted(
+        {e.prompt for e in examples}
+        | ({config.class_prompt} if class_paths else set())
+        | ({""} if config.caption_dropout > 0 else set())
+    )
     input_ids = [
         tok(
             prompts,
@@ -686,6 +691,7 @@ def _build_cache(
         pooled_prompt_embeds=pooled,
         instance_time_ids=instance_time_ids if sdxl else None,
         class_time_ids=class_time_ids if sdxl else None,
+        dropout_prompt_id=prompts.index("") if config.caption_dropout > 0 else None,
     )
 
 
@@ -730,6 +736,14 @@ def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
     return int(order[pos]), flip
 
 
+def caption_dropped(slot: int, seed: int, probability: float) -> bool:
+    """Whether the instance sample in this slot trains with the empty caption (seeded coin)."""
+    if probability <= 0:
+        return False
+    coin = torch.rand(1, generator=torch.Generator().manual_seed(_mix(seed, 3, slot)))
+    return bool(coin.item() < probability)
+
+
 def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoders):
     """Latents, prompt embeddings and (SDXL) added conditioning for one micro-batch.
 
@@ -748,7 +762,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             mean, std = params[0], params[1]
             sample = mean + std * torch.randn(mean.shape, generator=gen)
             latents.append(sample * cache.scaling_factor)
-            prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
+            if ids is None:
+                prompt_ids.append(cache.class_prompt_id)
+            elif caption_dropped(slot, config.seed, config.caption_dropout):
+                prompt_ids.append(cache.dropout_prompt_id)
+            else:
+                prompt_ids.append(ids[index])
             if sizes is not None:
                 time_ids.append(sizes[index][variant])
     latents_t = torch.stack(latents).to(device)
