@@ -7,6 +7,8 @@ do): text encoders overfit at the UNet's rate. A learning-rate schedule scales e
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 
 import torch
@@ -57,16 +59,18 @@ def make_optimizer(
 
         # Its authors' settings for fine-tuning diffusion models: bias correction on, and the
         # warm-up safeguard so the step-size estimate does not run away while the lr is small.
-        return Prodigy(
-            groups,
-            lr=config.learning_rate,
-            betas=betas,
-            eps=config.adam_epsilon,
-            weight_decay=config.adam_weight_decay,
-            d_coef=config.prodigy_d_coef,
-            use_bias_correction=config.prodigy_use_bias_correction,
-            safeguard_warmup=config.prodigy_safeguard_warmup,
-        )
+        # (Prodigy prints a line on construction; the engine never writes to stdout.)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Prodigy(
+                groups,
+                lr=config.learning_rate,
+                betas=betas,
+                eps=config.adam_epsilon,
+                weight_decay=config.adam_weight_decay,
+                d_coef=config.prodigy_d_coef,
+                use_bias_correction=config.prodigy_use_bias_correction,
+                safeguard_warmup=config.prodigy_safeguard_warmup,
+            )
     kwargs = dict(
         lr=config.learning_rate, betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon
     )
