@@ -141,3 +141,45 @@ def test_prodigy_trains_in_the_loop(tiny_model, photos, tmp_path):
     te_ups = {k for k in lora if k.startswith("text_encoder.") and ".up." in k}
     assert te_ups and te_ups <= moved
     assert len(moved) >= 0.9 * sum(".up." in k for k in lora)
+
+
+@pytest.mark.slow  # three short runs: about a minute of CPU
+def test_stop_and_resume_with_the_new_options_equals_a_straight_run(tiny_model, photos, class_dir, tmp_path):
+    """Prodigy's state (two parameter groups), DoRA magnitudes and caption dropout all survive a
+    checkpoint: stopped at step 3 and resumed, the run ends with the straight run's weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from trainer_core.loop import train
+
+    calls = {"n": 0}
+
+    def stop_after_3():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    cfg = base_config(
+        tiny_model,
+        photos,
+        tmp_path / "straight",
+        class_data_dir=str(class_dir),
+        max_train_steps=6,
+        optimizer="prodigy",
+        learning_rate=1.0,
+        train_text_encoder=True,
+        use_dora=True,
+        caption_dropout=0.5,
+    )
+    straight = train(cfg)
+    split = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"))
+    assert train(split, should_stop=stop_after_3).summary["steps"] == 3
+    resumed = train(dataclasses.replace(split, resume_from_checkpoint="latest"))
+    assert resumed.status == "finished" and resumed.summary["steps"] == 6
+    a = load_file(str(straight.adapter_dir / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and any("lora_magnitude_vector" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    metrics = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in metrics] == list(range(1, 7))
