@@ -182,3 +182,28 @@ def test_dora_import(saved, tmp_path):
     want, got = lora_layer_outputs(SimpleNamespace(**parts)), lora_layer_outputs(pipe)
     assert set(got) == set(want)
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-4
+
+
+def test_a_dora_checkpoint_loads_as_the_same_dora(saved, tmp_path):
+    """Generate previews checkpoints: a DoRA checkpoint loads with its magnitudes (text encoder's too)."""
+    from trainer_core import checkpoints
+    from trainer_core.adapters import peft_lora_state
+    from trainer_core.inference import describe_adapter, load_adapter
+
+    model, parts, _ = saved["sd15", True]
+    state = {f"unet.{k}": v for k, v in peft_lora_state(parts["unet"]).items()}
+    state.update({f"text_encoder.{k}": v for k, v in peft_lora_state(parts["text_encoder"]).items()})
+    ckpt = checkpoints.save_checkpoint(
+        tmp_path / "checkpoints",
+        5,
+        lora_state=state,
+        optimizer_state={},
+        scheduler_state={},
+        state={"base_model": str(model), "rank": 4, "alpha": 8.0, "train_text_encoder": True},
+        total_limit=None,
+    )
+    pipe = _pipeline(model)
+    load_adapter(pipe, describe_adapter(ckpt))
+    want, got = lora_layer_outputs(SimpleNamespace(**parts)), lora_layer_outputs(pipe)
+    assert set(got) == set(want)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-4

@@ -209,6 +209,13 @@ def _dora_scales(
     return out
 
 
+def text_encoder_dora_keys(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's diffusers LoRA layers with its DoRA magnitudes under `...lora_magnitude_vector
+    .weight`: transformers' adapter loader (which diffusers uses for text encoders) silently skips
+    them without the ".weight" ending, and the DoRA would load as a different adapter."""
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in layers.items()}
+
+
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Text-encoder LoRA keys under `text_model.`, the name every diffusers/transformers version
     knows (diffusers strips it again for transformers >= 5, whose CLIPTextModel lacks that level)."""
@@ -277,11 +284,7 @@ def save_adapter(
     )
     for key, te_lora in te_loras.items():
         te_layers = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
-        # DoRA magnitudes of a text encoder need the ".weight" ending: transformers' adapter loader
-        # (which diffusers uses for text encoders) silently skips them without it.
-        save_kwargs[f"{key}_lora_layers"] = {
-            f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in te_layers.items()
-        }
+        save_kwargs[f"{key}_lora_layers"] = text_encoder_dora_keys(te_layers)
         save_kwargs[f"{key}_lora_adapter_metadata"] = encoders[key].peft_config[peft_adapter].to_dict()
     pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
