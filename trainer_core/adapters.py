@@ -597,7 +597,8 @@ def import_adapter(
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     try:
-        # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata.
+        # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata (a
+        # ComfyUI file, renamed to kohya keys in memory, carries its alphas as tensors).
         source = comfyui if comfyui is not None else str(path)
         pipe.load_lora_weights(source, adapter_name="default", **unet_config)
     except Exception as e:  # size mismatches (RuntimeError), unknown modules (ValueError)
