@@ -23,6 +23,7 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+OPTIMIZERS = ("adamw", "prodigy")
 SUBJECT_TYPES = ("person", "pet", "object", "style")
 # The built-in offline base models (built on first use, no download): id -> (architecture, label).
 TINY_MODELS: dict[str, tuple[str, str]] = {
@@ -85,21 +86,56 @@ class TrainConfig:
     train_text_encoder: bool = _f(
         False, "Also train a LoRA on the text encoder's attention (both encoders for SDXL)."
     )
+    use_dora: bool = _f(
+        False,
+        "DoRA: train each layer's weight magnitude apart from its LoRA-updated direction (peft); "
+        "closer to full fine-tuning at the same rank, slower per step.",
+    )
     # data
     resolution: int | None = _f(
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
     )
     random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
+    caption_dropout: float = _f(
+        0.0,
+        "Probability of training a photo with an empty caption (kohya's caption_dropout_rate, e.g. 0.1): "
+        "less of the subject is tied to the prompt's other words.",
+    )
     # optimisation
     max_train_steps: int = _f(400, "Optimizer steps to train.")
     train_batch_size: int = _f(1, "Instance images per step (as many class images are added).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    learning_rate: float = _f(1e-4, "Peak learning rate.")
+    learning_rate: float = _f(
+        1e-4, "Peak learning rate of the UNet's LoRA (Prodigy: a multiplier of its own step size, 1.0)."
+    )
+    text_encoder_lr: float = _f(
+        5e-6,
+        "Learning rate of the text encoders' LoRA (with train_text_encoder; diffusers' SDXL default; "
+        "Prodigy uses learning_rate for every part).",
+    )
+    optimizer: str = _f(
+        "adamw",
+        f"Optimizer: {', '.join(OPTIMIZERS)} (adaptive step size: set learning_rate to 1.0; "
+        "its authors' LoRA settings are the prodigy_* defaults).",
+    )
+    prodigy_d_coef: float = _f(
+        1.0, "Prodigy's d_coef: scales the step size it estimates (0.5 halves it; its preferred knob)."
+    )
+    prodigy_safeguard_warmup: bool = _f(
+        True,
+        "Prodigy's safeguard_warmup: keeps its estimate stable during lr warm-up (its authors' setting).",
+    )
+    prodigy_use_bias_correction: bool = _f(
+        True, "Prodigy's Adam-style bias correction (its authors' setting for diffusion models)."
+    )
     lr_scheduler: str = _f("constant", f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the learning-rate schedule.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet's LoRA (AdamW and Prodigy).")
+    text_encoder_weight_decay: float = _f(
+        1e-3, "Weight decay of the text encoders' LoRA (diffusers' SDXL default)."
+    )
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (needs CUDA and bitsandbytes).")
@@ -208,16 +244,39 @@ class TrainConfig:
             raise bad("checkpoints_total_limit", "must be >= 1 or unset")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", f"must be a positive number, got {self.alpha}")
+        if not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
+            raise bad("text_encoder_lr", f"must be a positive number, got {self.text_encoder_lr}")
+        for name in ("adam_weight_decay", "text_encoder_weight_decay"):
+            value = getattr(self, name)
+            if not (0 <= value < 1):
+                raise bad(name, f"must be in [0, 1), got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "prodigy":
+            if self.use_8bit_adam or self.fused_adam:
+                raise bad(
+                    "optimizer", "prodigy cannot be combined with use_8bit_adam or fused_adam (AdamW options)"
+                )
+            if not 0.1 <= self.learning_rate <= 10:
+                raise bad(
+                    "learning_rate",
+                    f"Prodigy finds its own step size and takes learning_rate as a multiplier: use 1.0, "
+                    f"got {self.learning_rate}",
+                )
         # AdamW on a LoRA trains at 1e-5 to 1e-3; anything above 1 only ends in NaN mid-run.
-        if not (0 < self.learning_rate <= MAX_LEARNING_RATE):
+        elif not (0 < self.learning_rate <= MAX_LEARNING_RATE):
             raise bad(
                 "learning_rate",
                 f"must be a number above 0 and at most 1 (1e-4 is usual), got {self.learning_rate}",
             )
+        if not (self.prodigy_d_coef > 0 and math.isfinite(self.prodigy_d_coef)):
+            raise bad("prodigy_d_coef", f"must be a positive number, got {self.prodigy_d_coef}")
         if not (self.prior_loss_weight >= 0 and math.isfinite(self.prior_loss_weight)):
             raise bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise bad("snr_gamma", f"must be > 0 or unset, got {self.snr_gamma}")
+        if not 0 <= self.caption_dropout < 1:
+            raise bad("caption_dropout", f"must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.noise_offset < 1:
             raise bad("noise_offset", f"must be in [0, 1), got {self.noise_offset}")
         if self.max_grad_norm < 0:

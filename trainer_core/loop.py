@@ -61,6 +61,7 @@ from .events import (
     no_emit,
 )
 from .fileio import append_jsonl, atomic_write_json
+from .optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class _Cache:
     pooled_prompt_embeds: torch.Tensor | None = None  # (num_prompts, projection) when frozen
     instance_time_ids: list[torch.Tensor] | None = None  # each (flips, 6): size, crop, target
     class_time_ids: list[torch.Tensor] | None = None
+    dropout_prompt_id: int | None = None  # the empty caption, with caption_dropout
 
 
 def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
@@ -432,6 +434,7 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         alpha=config.lora_alpha,
         train_text_encoder=config.train_text_encoder,
         text_encoder_2=models.text_encoder_2,
+        use_dora=config.use_dora,
     )
     trained = [models.unet, *(models.text_encoders if config.train_text_encoder else [])]
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
@@ -450,7 +453,7 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         models.unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
-    optimizer = _make_optimizer(config, params)
+    optimizer = make_optimizer(config, lora_parameters(models.unet), lora_parameters(*trained[1:]))
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -479,7 +482,13 @@ def restore(
     checkpoints.load_lora_state(models.lora_models(config.train_text_encoder), ckpt.lora)
     optimizer, lr_scheduler = trainer.optimizer, trainer.lr_scheduler
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt.optimizer)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError) as e:  # other parameter groups (made by an older version)
+        raise TrainingError(
+            f"Cannot resume from {ckpt.path.name}: its optimizer state does not fit this run's "
+            "parameter groups (it was made by an older version or other settings); start a new run."
+        ) from e
     lr_scheduler.load_state_dict(ckpt.scheduler)
     for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
         group.update(hyper)
@@ -979,7 +988,11 @@ def _build_cache(
 
     instance, instance_time_ids = encode([e.path for e in examples], 0)
     klass, class_time_ids = encode(class_paths, len(examples))
-    prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
+    prompts = sorted(
+        {e.prompt for e in examples}
+        | ({config.class_prompt} if class_paths else set())
+        | ({""} if config.caption_dropout > 0 else set())
+    )
     input_ids = [
         tok(
             prompts,
@@ -1010,6 +1023,7 @@ def _build_cache(
         pooled_prompt_embeds=pooled,
         instance_time_ids=instance_time_ids if sdxl else None,
         class_time_ids=class_time_ids if sdxl else None,
+        dropout_prompt_id=prompts.index("") if config.caption_dropout > 0 else None,
     )
 
 
@@ -1054,6 +1068,14 @@ def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
     return int(order[pos]), flip
 
 
+def caption_dropped(slot: int, seed: int, probability: float) -> bool:
+    """Whether the instance sample in this slot trains with the empty caption (seeded coin)."""
+    if probability <= 0:
+        return False
+    coin = torch.rand(1, generator=torch.Generator().manual_seed(_mix(seed, 3, slot)))
+    return bool(coin.item() < probability)
+
+
 def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoders):
     """Latents, prompt embeddings and (SDXL) added conditioning for one micro-batch.
 
@@ -1072,7 +1094,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             mean, std = params[0], params[1]
             sample = mean + std * torch.randn(mean.shape, generator=gen)
             latents.append(sample * cache.scaling_factor)
-            prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
+            if ids is None:
+                prompt_ids.append(cache.class_prompt_id)
+            elif caption_dropped(slot, config.seed, config.caption_dropout):
+                prompt_ids.append(cache.dropout_prompt_id)
+            else:
+                prompt_ids.append(ids[index])
             if sizes is not None:
                 time_ids.append(sizes[index][variant])
     latents_t = torch.stack(latents).to(device)
@@ -1092,24 +1119,6 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
         "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
     }
     return latents_t, prompt_embeds, added_cond
-
-
-def _make_optimizer(config: TrainConfig, params):
-    kwargs = dict(
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.use_8bit_adam:
-        if not torch.cuda.is_available():
-            raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if config.fused_adam else {}))
 
 
 def _enable_xformers(unet) -> None:
