@@ -15,6 +15,28 @@ RUN_COLUMNS = [
 ]  # fmt: skip
 
 
+# Vega's tableau10, the colours the plots would pick themselves.
+PALETTE = [
+    "#4c78a8",
+    "#f58518",
+    "#e45756",
+    "#72b7b2",
+    "#54a24b",
+    "#eeca3b",
+    "#b279a2",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+]
+
+
+def color_map(series: list[str]) -> dict[str, str]:
+    """A colour per series. Gradio's plot fixes its colour domain (the lines and legend entries it
+    draws) when the chart is built, and rebuilds it only when a setting such as this map changes,
+    from the value it holds then: so set the new value first, then the map (see tabs/runs.py)."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)}
+
+
 def esc(text: Any) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -89,7 +111,7 @@ def sample_items(snap: dict[str, Any]) -> list[tuple[str, str]]:
     return items[:8]
 
 
-def plan_markdown(config: Any, n_photos: int, subject: str, estimate: str) -> str:
+def plan_markdown(config: Any, n_photos: int, subject: str, estimate: str, preset: str = "Full") -> str:
     """The preset line above the Train button: what will run, and about how long."""
     prior_text = (
         f"prior preservation with {config.num_class_images} class images of “{config.class_prompt}”"
@@ -97,7 +119,7 @@ def plan_markdown(config: Any, n_photos: int, subject: str, estimate: str) -> st
         else "no prior preservation"
     )
     return (
-        f"**Preset for {n_photos} {subject} photos:** {config.max_train_steps} steps, rank {config.rank}, "
+        f"**{preset} preset for {n_photos} {subject} photos:** {config.max_train_steps} steps, rank {config.rank}, "
         f"learning rate {config.learning_rate:g}, {prior_text}. "
         f"Prompt: “{config.instance_prompt}”.\n\n{estimate}"
     )

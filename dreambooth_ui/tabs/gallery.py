@@ -26,10 +26,10 @@ def build(studios: Studios) -> GalleryTab:
             with gr.Row():
                 new_name = gr.Textbox(label="New name", scale=2)
                 rename = gr.Button("Rename", scale=1)
-            delete = gr.Button("Delete (restorable)", variant="stop")
+            delete = gr.Button("Delete (restorable)", variant="stop", elem_id="delete-btn")
             with gr.Row():
                 deleted = gr.Dropdown([], label="Deleted adapters", scale=2)
-                restore = gr.Button("Restore", scale=1)
+                restore = gr.Button("Restore", scale=1, elem_id="restore-btn")
         with gr.Column(scale=2):
             samples = gr.Gallery(label="Samples", columns=3, height=260)
             files = gr.File(label="Download (diffusers weights, A1111/ComfyUI file, zip of everything)")
@@ -40,9 +40,9 @@ def build(studios: Studios) -> GalleryTab:
                 push = gr.Button("Push")
                 pushed = gr.Markdown()
 
-    adapter.change(bind(on_select, studios), adapter, [details, samples, files, deleted])
+    adapter.change(bind(on_select, studios), [adapter, deleted], [details, samples, files, deleted])
     rename.click(bind(on_rename, studios), [adapter, new_name], adapter, api_visibility="private")
-    delete.click(bind(on_delete, studios), adapter, adapter, api_visibility="private")
+    delete.click(bind(on_delete, studios), adapter, [adapter, deleted], api_visibility="private")
     restore.click(bind(on_restore, studios), deleted, adapter, api_visibility="private")
     push.click(bind(on_push, studios), [adapter, repo, hf_token, private], pushed, api_visibility="private")
     return GalleryTab(adapter=adapter)
@@ -53,10 +53,15 @@ def _picker(studio: Studio, selected: str | None) -> gr.Dropdown:
     return gr.Dropdown(choices=names, value=selected if selected in names else (names[0] if names else None))
 
 
-def on_select(studios: Studios, request: gr.Request, name):
+def _trash(studio: Studio, selected: str | None) -> gr.Dropdown:
+    names = [a["name"] for a in studio.deleted_adapters()]
+    return gr.Dropdown(choices=names, value=selected if selected in names else None)
+
+
+def on_select(studios: Studios, request: gr.Request, name, deleted):
     studio = studios.get(request)
     info = {a["name"]: a for a in studio.list_adapters()}.get(name)
-    trash = gr.Dropdown(choices=[a["name"] for a in studio.deleted_adapters()], value=None)
+    trash = _trash(studio, deleted)
     if not info:
         return adapter_markdown(None), [], None, trash
     folder = Path(info["folder"])
@@ -79,7 +84,8 @@ def on_delete(studios: Studios, request: gr.Request, name):
         raise UserError("Select an adapter first.")
     studio.delete_adapter(name)
     gr.Info(f"{name} moved to the deleted adapters; Restore brings it back.")
-    return _picker(studio, None)
+    # The one just deleted is selected under "Deleted adapters": Restore right away is an undo.
+    return _picker(studio, None), _trash(studio, name)
 
 
 def on_restore(studios: Studios, request: gr.Request, name):

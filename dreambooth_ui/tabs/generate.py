@@ -3,6 +3,7 @@ same seed with and without the trigger token."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ class GenerateTab:
     adapter: gr.Dropdown
     second_adapter: gr.Dropdown
     settings: dict[str, gr.components.Component]  # Studio.generate keyword -> its box
+    past: gr.State  # [(image path, caption)] of this page's results, newest first
 
     @property
     def pickers(self) -> list:
@@ -41,7 +43,8 @@ def build(studios: Studios) -> GenerateTab:
             with gr.Row():
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                 guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
-                seed = gr.Number(0, label="Seed", precision=0)
+                seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id="seed")
+                dice = gr.Button("Random seed", scale=0, min_width=120)
             with gr.Row():
                 width = gr.Number(0, label="Width (0: the model's)", precision=0, minimum=0)
                 height = gr.Number(0, label="Height (0: the model's)", precision=0, minimum=0)
@@ -50,27 +53,61 @@ def build(studios: Studios) -> GenerateTab:
                 go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 compare = gr.Button("Compare with / without the token", elem_id="compare-btn")
             images = gr.Gallery(label="Images", columns=2, height="auto", elem_id="images")
+            history = gr.Gallery(
+                label="History (newest first; click one to reuse its seed)", columns=6, height="auto",
+                allow_preview=False, elem_id="history",
+            )  # fmt: skip
+            past = gr.State([])  # [(image path, caption)], newest first
 
     settings = {
         "prompt": prompt, "adapter": adapter, "adapter_weight": weight, "second_adapter": second,
         "second_weight": second_weight, "negative_prompt": negative, "steps": steps, "guidance": guidance,
         "seed": seed, "width": width, "height": height, "num_images": count,
     }  # fmt: skip
-    tab = GenerateTab(gallery=gallery, adapter=adapter, second_adapter=second, settings=settings)
+    tab = GenerateTab(gallery=gallery, adapter=adapter, second_adapter=second, settings=settings, past=past)
     gallery.select(on_pick_thumb, None, adapter)
     adapter.change(bind(on_adapter, studios), adapter, prompt)
     inputs = set(settings.values())
-    go.click(bind(on_generate, studios, tab), inputs, images, api_visibility="private")
-    compare.click(bind(on_compare, studios, tab), inputs, images, api_visibility="private")
+    results = [images, history, past]
+    go.click(bind(on_generate, studios, tab), {*inputs, past}, results, api_visibility="private")
+    compare.click(bind(on_compare, studios, tab), {*inputs, past}, results, api_visibility="private")
+    history.select(on_pick_history, None, seed)
+    dice.click(lambda: -1, None, seed)
     return tab
 
 
+HISTORY = 48  # images kept in the History strip
+
+
 def request_of(tab: GenerateTab, values: dict) -> dict[str, Any]:
-    """The boxes' values as Studio.generate's keywords (an empty adapter box: none)."""
+    """The boxes' values as Studio.generate's keywords (an empty adapter box: none; a negative
+    seed: a new random one, shown afterwards so it can be reused)."""
     out = {key: values[box] for key, box in tab.settings.items()}
     out["adapter"] = out["adapter"] or None
     out["second_adapter"] = out["second_adapter"] or None
+    if out["seed"] is None or out["seed"] < 0:
+        out["seed"] = random.randrange(2**31)
     return out
+
+
+def caption(kwargs: dict[str, Any], label: str = "") -> str:
+    """What made an image, short enough for a thumbnail: seed first (it is what people reuse)."""
+    adapter = kwargs["adapter"] or "no adapter"
+    extra = f" · {label}" if label else ""
+    return (
+        f"seed {kwargs['seed']} · {adapter} × {kwargs['adapter_weight']:g} · {kwargs['steps']} steps · "
+        f"cfg {kwargs['guidance']:g}{extra} · {kwargs['prompt']}"
+    )
+
+
+def _results(items: list[tuple[str, str]], past: list | None) -> tuple:
+    history = (items + list(past or []))[:HISTORY]
+    return items, history, history
+
+
+def on_pick_history(evt: gr.SelectData):
+    text = (evt.value or {}).get("caption") or ""
+    return int(text.split()[1]) if text.startswith("seed ") else gr.skip()
 
 
 def on_pick_thumb(evt: gr.SelectData):
@@ -84,8 +121,8 @@ def on_adapter(studios: Studios, request: gr.Request, name):
 
 def on_generate(studios: Studios, tab: GenerateTab, request: gr.Request, values: dict):
     kwargs = request_of(tab, values)
-    paths = studios.get(request).generate(kwargs.pop("prompt"), **kwargs)
-    return [str(p) for p in paths]
+    paths = studios.get(request).generate(**kwargs)
+    return _results([(str(p), caption(kwargs)) for p in paths], values[tab.past])
 
 
 def on_compare(studios: Studios, tab: GenerateTab, request: gr.Request, values: dict):
@@ -95,5 +132,6 @@ def on_compare(studios: Studios, tab: GenerateTab, request: gr.Request, values: 
     token = info.get("token") or ""
     if not token:
         raise UserError("Pick an adapter with a trigger token to compare with and without it.")
-    _grid, labelled = studio.compare_token(kwargs.pop("prompt"), token, **kwargs)
-    return [(str(p), label) for label, p in labelled]
+    _grid, labelled = studio.compare_token(token=token, **kwargs)
+    items = [(str(p), caption(kwargs, label)) for label, p in labelled]
+    return _results(items, values[tab.past])

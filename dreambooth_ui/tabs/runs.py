@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..studio import Studios, UserError
-from ..views import RUN_COLUMNS, curves_frame, run_rows
+from ..views import RUN_COLUMNS, color_map, curves_frame, run_rows
 from . import bind
 
 LOSS_KEYS = {"total": "loss", "instance": "instance_loss", "prior": "prior_loss"}
@@ -34,9 +34,11 @@ def build(studios: Studios) -> RunsTab:
             loss = gr.Radio(list(LOSS_KEYS), value="total", label="Loss")
             step = gr.Dropdown([], label="Validation images at step")
         with gr.Row():
+            # The title inside the chart, not a block label: a label pushes the legend out of the box.
             plot = gr.LinePlot(
-                x="step", y="smoothed", color="run", label="Smoothed loss", height=320, elem_id="runs-plot"
-            )
+                x="step", y="smoothed", color="run", title="Smoothed loss", show_label=False, height=320,
+                elem_id="runs-plot",
+            )  # fmt: skip
             images = gr.Gallery(label="Validation images", columns=4, height=320, elem_id="runs-images")
         with gr.Row():
             pick = gr.Dropdown([], label="Run", scale=2)
@@ -49,7 +51,7 @@ def build(studios: Studios) -> RunsTab:
     for trigger in (selected.change, loss.change, step.input):
         trigger(
             bind(on_compare, studios), [selected, loss, step], [plot, step, images], api_visibility="private"
-        )
+        ).then(on_plot_colors, selected, plot, show_progress="hidden")
     delete.click(bind(on_delete, studios), pick, None, api_visibility="private").then(
         bind(on_refresh, studios), selected, listing
     )
@@ -76,6 +78,12 @@ def on_compare(studios: Studios, request: gr.Request, chosen, which, at_step):
     value = at_step if at_step in steps else (steps[-1] if steps else None)
     items = [(str(p), f"{run} · step {value} · {p.stem}") for run, p in by_step.get(value, [])]
     return frame, gr.Dropdown(choices=steps, value=value), items
+
+
+def on_plot_colors(chosen):
+    """After the new curves are in the plot: one colour per ticked run, which redraws the chart with
+    a line and a legend entry for each (a new value alone keeps the first runs' lines)."""
+    return gr.LinePlot(color_map=color_map(chosen or []))
 
 
 def on_delete(studios: Studios, request: gr.Request, run_id):
