@@ -252,6 +252,8 @@ class JobRunner:
                 job.stage = event.stage
                 job.progress = (event.current, event.total)
             elif isinstance(event, StepMetrics):
+                if job.stage != "train":  # a step means a checkpoint or validation round has ended
+                    job.stage, job.stage_message = "train", ""
                 job.step, job.total_steps = event.step, event.total_steps
                 job.progress = (event.step, event.total_steps)
                 if job.first_step is None:

@@ -8,6 +8,7 @@ Screenshots go to $SCREENSHOT_DIR (default: the test's temporary folder) so a pe
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -66,11 +67,15 @@ def set_number(driver, elem_id: str, value) -> None:
 
 
 def screenshot(driver, path: Path) -> None:
-    """The whole page, not just the window: grow the window to the page's height for the shot."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 1100), 4000))
-    time.sleep(0.5)
-    driver.save_screenshot(str(path))
+    """The whole page at 1400 px and at a phone's 420 px (`<name>-420.png`): the window grows to
+    the page's height for each shot."""
+    for width, out in ((420, path.with_name(f"{path.stem}-420.png")), (1400, path)):
+        driver.set_window_size(width, 1100)
+        time.sleep(0.5)
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(width, min(max(height, 1100), 4000))
+        time.sleep(0.5)
+        driver.save_screenshot(str(out))
     driver.set_window_size(1400, 1100)
 
 
@@ -80,6 +85,18 @@ def plot_points(driver) -> int:
 
     paths = driver.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")
     return max((p.get_attribute("d").count("L") + 1 for p in paths if p.get_attribute("d")), default=0)
+
+
+def legend_inside(driver, elem_id: str) -> list[str]:
+    """The legend's labels of a plot, asserting each lies inside the plot's box (not cut off)."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, elem_id).rect
+    labels = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} .role-legend-label text")
+    for label in labels:
+        r = label.rect
+        assert box["y"] <= r["y"] and r["y"] + r["height"] <= box["y"] + box["height"], (label.text, r, box)
+    return [label.text for label in labels]
 
 
 def click_tab(driver, label: str) -> None:
@@ -117,11 +134,18 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         screenshot(d, shots / "1-photos.png")
 
         click_tab(d, "Train")
-        wait_until(lambda: "Preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset")
+        # A "Quick try" first; the estimate follows the settings as they change (issue 15, item 5).
+        wait_until(
+            lambda: "Quick try preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset"
+        )
         d.find_element(By.CSS_SELECTOR, "#advanced button").click()
         wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
         # Long enough to watch it, then Stop: what a person does when the samples look right.
         set_number(d, "adv-steps", 2000)
+        wait_until(
+            lambda: "2000 steps" in d.find_element(By.ID, "plan").text, 60, "the estimate following the steps"
+        )
+        assert "Estimate" in d.find_element(By.ID, "plan").text
         set_number(d, "adv-class-images", 2)
         set_number(d, "adv-validation-steps", 0)
         time.sleep(0.5)
@@ -145,7 +169,23 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             lambda: plot_points(d) == len(studio.training_status()["metrics"]), 120, "all points drawn"
         )
         assert len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4
+        assert sorted(legend_inside(d, "loss-plot")) == [
+            "instance loss",
+            "prior loss",
+            "total",
+            "total (smoothed)",
+        ]
         screenshot(d, shots / "2-train.png")
+        # A bad value is named on its own box, and the last run's status, plot and images stay (item 8).
+        set_number(d, "adv-steps", 0)
+        d.find_element(By.ID, "start-btn").click()
+        wait_until(
+            lambda: "Steps must be at least 1" in d.find_element(By.ID, "adv-steps").text, 30, "named field"
+        )
+        assert "Stopped" in d.find_element(By.ID, "status-line").text
+        assert len(d.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")) == 4
+        assert len(d.find_elements(By.CSS_SELECTOR, "#samples img")) >= 2
+        assert studio.training_status()["state"] == "stopped"
 
         click_tab(d, "Generate")
         name = studio.training_status()["adapter_name"]
@@ -158,23 +198,63 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         )
         d.find_element(By.ID, "generate-btn").click()
         wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
+        # A random seed each click, shown with the image, and a history of results (issue 15, item 6).
+        d.find_element(By.ID, "generate-btn").click()
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#history img")) >= 2, 120, "two in history")
+        seeds = re.findall(r"seed (\d+)", d.find_element(By.ID, "history").text)
+        assert len(set(seeds)) == 2, d.find_element(By.ID, "history").text
         screenshot(d, shots / "3-generate.png")
 
         click_tab(d, "Gallery")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 120, "gallery details")
         screenshot(d, shots / "4-gallery.png")
-        click_tab(d, "Runs")
+        # Delete, then Restore at once: an undo, with nothing else to pick first (issue 15, item 10).
+        d.find_element(By.ID, "delete-btn").click()
+        wait_until(lambda: name not in [a["name"] for a in studio.list_adapters()], 60, "deleted")
+        time.sleep(1)  # the page applies the delete's outputs (the trash picker) before the next click
+        d.find_element(By.ID, "restore-btn").click()
+        wait_until(lambda: name in [a["name"] for a in studio.list_adapters()], 60, "restored")
+        wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 60, "restored shown")
+        # A second run to overlay: the first one's folder again under another id (its data is real).
         run_id = studio.training_status()["run_id"]
-        box = wait_until(
-            lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#runs-compare label") if run_id in b.text],
-            30,
-            "run",
-        )
-        box[0].click()
+        other = run_id + "-again"
+        shutil.copytree(studio.runs_dir / run_id, studio.runs_dir / other)
+        click_tab(d, "Runs")
+
+        def tick(run):
+            box = wait_until(
+                lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "#runs-compare label") if b.text == run],
+                30,
+                f"run {run}",
+            )
+            box[0].click()
+
+        def lines():
+            return len(d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"))
+
+        tick(run_id)
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#runs-images img")) >= 2, 120, "run samples")
+        wait_until(lambda: lines() == 1, 120, "one line for one run")
+        # N ticked runs: N lines and N legend entries, inside the plot's box (issue 15, items 1 and 3).
+        tick(other)
         wait_until(
-            lambda: d.find_elements(By.CSS_SELECTOR, "#runs-plot g.mark-line path"), 120, "runs plot line"
+            lambda: lines() == 2 and len(legend_inside(d, "runs-plot")) == 2, 60, "two lines for two runs"
         )
+
+        # Vega shortens long legend labels with "…": a shortened label names the run it starts.
+        def legend_runs():
+            labels = legend_inside(d, "runs-plot")
+            whole = [t for t in labels if not t.endswith("…")]
+            cut = [t[:-1] for t in labels if t.endswith("…")]
+            return sorted(
+                whole + [r for r in (run_id, other) if r not in whole and any(r.startswith(c) for c in cut)]
+            )
+
+        assert legend_runs() == sorted([run_id, other])
+        tick(run_id)  # untick the first: the second's line stays
+        wait_until(lambda: lines() == 1 and legend_runs() == [other], 60, "the other run's line")
+        tick(run_id)
+        wait_until(lambda: lines() == 2, 60, "two lines again")
         screenshot(d, shots / "5-runs.png")
         for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000

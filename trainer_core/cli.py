@@ -98,6 +98,7 @@ class _ProgressPrinter:
 
     def __init__(self) -> None:
         self.bar = None
+        self.stage = ""
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
@@ -106,6 +107,7 @@ class _ProgressPrinter:
 
         if isinstance(event, ev.StageStarted):
             self._close()
+            self.stage = event.stage
             if event.total:
                 self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, dynamic_ncols=True)
             else:
@@ -114,6 +116,10 @@ class _ProgressPrinter:
             self.bar.n = event.current
             self.bar.refresh()
         elif isinstance(event, ev.StepMetrics):
+            if self.stage != "train":  # back from a checkpoint or validation round: a training bar again
+                self._close()
+                self.bar = tqdm(total=event.total_steps, desc="train", file=sys.stderr, dynamic_ncols=True)
+                self.stage = "train"
             if self.bar is not None:
                 self.bar.n = event.step
                 post = {"loss": f"{event.loss:.4f}", "inst": f"{event.instance_loss:.4f}"}

@@ -1,0 +1,93 @@
+"""Runs tab: every training run in a table; tick several to overlay their losses and see their
+validation images side by side; open a run's adapter in Generate, or delete the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..studio import Studios, UserError
+from ..views import RUN_COLUMNS, color_map, curves_frame, run_rows
+from . import bind
+
+LOSS_KEYS = {"total": "loss", "instance": "instance_loss", "prior": "prior_loss"}
+
+
+@dataclass(frozen=True)
+class RunsTab:
+    pick: gr.Dropdown  # the one run the buttons act on
+    open: gr.Button  # "Open its adapter in Generate" (wired across tabs)
+
+
+def build(studios: Studios) -> RunsTab:
+    with gr.Tab("5 · Runs", id="runs") as tab:
+        with gr.Row():
+            refresh = gr.Button("Refresh", scale=0, min_width=120)
+            gr.Markdown("Every training run, newest first. Tick two or more to overlay their losses and "
+                        "see their validation images side by side.")  # fmt: skip
+        table = gr.Dataframe(
+            headers=[label for _, label in RUN_COLUMNS], interactive=False, elem_id="runs-table"
+        )
+        selected = gr.CheckboxGroup([], label="Compare runs", elem_id="runs-compare")
+        with gr.Row():
+            loss = gr.Radio(list(LOSS_KEYS), value="total", label="Loss")
+            step = gr.Dropdown([], label="Validation images at step")
+        with gr.Row():
+            # The title inside the chart, not a block label: a label pushes the legend out of the box.
+            plot = gr.LinePlot(
+                x="step", y="smoothed", color="run", title="Smoothed loss", show_label=False, height=320,
+                elem_id="runs-plot",
+            )  # fmt: skip
+            images = gr.Gallery(label="Validation images", columns=4, height=320, elem_id="runs-images")
+        with gr.Row():
+            pick = gr.Dropdown([], label="Run", scale=2)
+            open_btn = gr.Button("Open its adapter in Generate", scale=1)
+            delete = gr.Button("Delete run", variant="stop", scale=1)
+
+    listing = [table, selected, pick]
+    tab.select(bind(on_refresh, studios), selected, listing)
+    refresh.click(bind(on_refresh, studios), selected, listing, api_visibility="private")
+    for trigger in (selected.change, loss.change, step.input):
+        trigger(
+            bind(on_compare, studios), [selected, loss, step], [plot, step, images], api_visibility="private"
+        ).then(on_plot_colors, selected, plot, show_progress="hidden")
+    delete.click(bind(on_delete, studios), pick, None, api_visibility="private").then(
+        bind(on_refresh, studios), selected, listing
+    )
+    return RunsTab(pick=pick, open=open_btn)
+
+
+def on_refresh(studios: Studios, request: gr.Request, chosen):
+    rows = studios.get(request).list_runs()
+    ids = [r["run_id"] for r in rows]
+    keep = [c for c in (chosen or []) if c in ids]
+    return (
+        run_rows(rows) or None,
+        gr.CheckboxGroup(choices=ids, value=keep),
+        gr.Dropdown(choices=ids, value=ids[0] if ids else None),
+    )
+
+
+def on_compare(studios: Studios, request: gr.Request, chosen, which, at_step):
+    studio = studios.get(request)
+    chosen = chosen or []
+    frame = curves_frame(studio.compare_runs(chosen, LOSS_KEYS[which]) if chosen else [])
+    by_step = studio.run_samples(chosen) if chosen else {}
+    steps = list(by_step)
+    value = at_step if at_step in steps else (steps[-1] if steps else None)
+    items = [(str(p), f"{run} · step {value} · {p.stem}") for run, p in by_step.get(value, [])]
+    return frame, gr.Dropdown(choices=steps, value=value), items
+
+
+def on_plot_colors(chosen):
+    """After the new curves are in the plot: one colour per ticked run, which redraws the chart with
+    a line and a legend entry for each (a new value alone keeps the first runs' lines)."""
+    return gr.LinePlot(color_map=color_map(chosen or []))
+
+
+def on_delete(studios: Studios, request: gr.Request, run_id):
+    if not run_id:
+        raise UserError("Pick a run first.")
+    studios.get(request).delete_run(run_id)
+    gr.Info(f"Deleted the run {run_id}.")

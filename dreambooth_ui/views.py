@@ -1,0 +1,188 @@
+"""What the page shows, as plain functions of the Studio's answers (a job snapshot, a prep report,
+adapter and run lists): HTML, Markdown, tables and plot frames. No Gradio, no state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUN_COLUMNS = [
+    ("run_id", "run"), ("status", "status"), ("step", "step"), ("max_train_steps", "of"),
+    ("learning_rate", "learning rate"), ("rank", "rank"), ("prior_loss_weight", "prior weight"),
+    ("base_model", "base model"), ("final_loss", "final loss"), ("smoothed_final_loss", "smoothed"),
+]  # fmt: skip
+
+
+# Vega's tableau10, the colours the plots would pick themselves.
+PALETTE = [
+    "#4c78a8",
+    "#f58518",
+    "#e45756",
+    "#72b7b2",
+    "#54a24b",
+    "#eeca3b",
+    "#b279a2",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+]
+
+
+def color_map(series: list[str]) -> dict[str, str]:
+    """A colour per series. Gradio's plot fixes its colour domain (the lines and legend entries it
+    draws) when the chart is built, and rebuilds it only when a setting such as this map changes,
+    from the value it holds then: so set the new value first, then the map (see tabs/runs.py)."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(series)}
+
+
+def esc(text: Any) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def typed_frame(rows: list, dtypes: dict[str, str]) -> pd.DataFrame:
+    """A frame with fixed column types even when empty: the plot keeps the axis types of its first
+    value, and an empty frame's object columns would make the loss axis categorical for good."""
+    frame = pd.DataFrame(rows, columns=list(dtypes))
+    return frame.astype(dtypes)
+
+
+# ---- Train --------------------------------------------------------------------------------------
+
+
+def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long-form losses for the line plot: raw instance/prior/total and a smoothed total."""
+    from trainer_core.runs import smooth
+
+    rows = []
+    totals = [m["loss"] for m in metrics]
+    smoothed = smooth(totals) if totals else []
+    for m, s in zip(metrics, smoothed, strict=True):
+        rows.append((m["step"], m["instance_loss"], "instance loss"))
+        if m.get("prior_loss") is not None:
+            rows.append((m["step"], m["prior_loss"], "prior loss"))
+        rows.append((m["step"], m["loss"], "total"))
+        rows.append((m["step"], s, "total (smoothed)"))
+    return typed_frame(rows, {"step": "int64", "loss": "float64", "series": "str"})
+
+
+def status_html(snap: dict[str, Any]) -> str:
+    state = snap.get("state", "idle")
+    if state == "idle":
+        return "<p>No training yet. Prepare photos, then press <b>Start training</b>.</p>"
+    current, total = (snap.get("progress") or [0, 0]) + [0, 0][len(snap.get("progress") or []) :]
+    fraction = 1.0 if state == "finished" else (current / total) if total else 0.0
+    eta = snap.get("eta_seconds")
+    eta_text = f" · about {duration(eta)} left" if eta is not None and state == "running" else ""
+    head = {
+        "running": f"{snap.get('stage_label', '')}: {current}/{total}{eta_text}",
+        "stopping": "Stopping: saving a checkpoint and the adapter…",
+        "finished": "Finished",
+        "stopped": "Stopped",
+        "failed": "Failed",
+        "interrupted": f"Interrupted at step {snap.get('step', 0)}",
+        "lost": f"Lost at step {snap.get('step', 0)}",
+    }.get(state, state)
+    steps = f"step {snap.get('step', 0)} of {snap.get('total_steps', 0)}"
+    message = snap.get("message") or snap.get("stage_message") or ""
+    return (
+        f"<p><b>{esc(head)}</b> · {steps} · run {esc(snap.get('run_id', ''))}</p>"
+        f'<div class="progress-outer"><div class="progress-inner" style="width:{100 * fraction:.1f}%"></div></div>'
+        f"<p>{esc(message)}</p>"
+    )
+
+
+def sample_items(snap: dict[str, Any]) -> list[tuple[str, str]]:
+    """The newest validation images first (with and without the token side by side)."""
+    items = []
+    for s in sorted(snap.get("samples", []), key=lambda s: -s["step"]):
+        label = "with token" if Path(s["image"]).name.startswith("with-") else "without token"
+        items.append((s["image"], f"step {s['step']}: {label}"))
+    return items[:8]
+
+
+def plan_markdown(config: Any, n_photos: int, subject: str, estimate: str, preset: str = "Full") -> str:
+    """The preset line above the Train button: what will run, and about how long."""
+    prior_text = (
+        f"prior preservation with {config.num_class_images} class images of “{config.class_prompt}”"
+        if config.with_prior_preservation
+        else "no prior preservation"
+    )
+    return (
+        f"**{preset} preset for {n_photos} {subject} photos:** {config.max_train_steps} steps, rank {config.rank}, "
+        f"learning rate {config.learning_rate:g}, {prior_text}. "
+        f"Prompt: “{config.instance_prompt}”.\n\n{estimate}"
+    )
+
+
+# ---- Photos -------------------------------------------------------------------------------------
+
+
+def prep_views(report: dict[str, Any]) -> tuple[str, list, list | None, list | None]:
+    """A prep report as (summary, gallery items, caption rows, rejected rows)."""
+    folder = Path(report["output_dir"])
+    gallery = [(str(folder / a["output"]), a["caption"]) for a in report["accepted"]]
+    table = [[a["output"], a["caption"], "; ".join(a["warnings"])] for a in report["accepted"]]
+    bad = [[r["source"], r["reason"]] for r in report["rejected"]]
+    n_warn = sum(1 for a in report["accepted"] if a["warnings"])
+    text = (
+        f"**{len(report['accepted'])} photos ready** in set `{report['dataset']}`"
+        + (f", {n_warn} with warnings" if n_warn else "")
+        + (f"; {len(bad)} not used (reasons below)." if bad else ".")
+    )
+    return text, gallery, table or None, bad or None
+
+
+# ---- Adapters (Generate, Gallery) ---------------------------------------------------------------
+
+
+def adapter_choices(adapters: list[dict[str, Any]]) -> list[str]:
+    return [a["name"] for a in adapters]
+
+
+def adapter_gallery(adapters: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(a["thumbnail"], a["name"]) for a in adapters if a.get("thumbnail")]
+
+
+def adapter_markdown(a: dict[str, Any] | None) -> str:
+    if not a:
+        return "Select an adapter."
+    loss = f"{a['final_loss']:.4f}" if isinstance(a.get("final_loss"), (int, float)) else "n/a"
+    return (
+        f"### {esc(a['name'])}\n"
+        f"- trigger: `{esc(a.get('token') or '')}` · prompt: *{esc(a.get('instance_prompt') or '')}*\n"
+        f"- base model: `{esc(a.get('base_model'))}` ({esc(a.get('architecture'))})\n"
+        f"- rank {a.get('rank')} · alpha {a.get('alpha')} · {a.get('steps')} steps · final loss {loss}\n"
+        f"- created {esc(a.get('created'))}"
+    )
+
+
+# ---- Runs ---------------------------------------------------------------------------------------
+
+
+def run_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[_cell(r.get(key)) for key, _ in RUN_COLUMNS] for r in runs]
+
+
+def curves_frame(curves: list[dict[str, Any]]) -> pd.DataFrame:
+    """Loss curves of several runs, long-form (one row per run and step) for one line per run."""
+    return typed_frame(
+        [[c["run"], c["step"], c["value"], c["smoothed"]] for c in curves],
+        {"run": "str", "step": "int64", "value": "float64", "smoothed": "float64"},
+    )
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    return "" if value is None else value

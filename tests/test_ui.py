@@ -1,0 +1,69 @@
+"""The page's wiring, without a browser: every handler is bound to the inputs Gradio will pass it,
+and the pure views turn snapshots into what the page shows."""
+
+from __future__ import annotations
+
+import warnings
+
+
+def test_every_handler_matches_its_inputs(tmp_path):
+    """Gradio only warns when a handler's parameters and its inputs disagree (then fails at click
+    time); building the page with those warnings as errors catches a miswired tab at once."""
+    from dreambooth_ui.layout import build_app
+    from dreambooth_ui.studio import Studio
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Expected .* arguments for function")
+        demo = build_app(Studio(tmp_path))
+    names = {fn.fn.__name__ for fn in demo.fns.values() if fn.fn is not None}
+    assert {"on_load", "on_base_note", "on_plan", "on_start", "on_tick", "on_generate", "on_compare"} <= names
+
+
+def test_views_of_a_snapshot():
+    from dreambooth_ui.views import loss_frame, status_html
+
+    metrics = [
+        {"step": s, "loss": 1.0 / s, "instance_loss": 0.5 / s, "prior_loss": 0.5 / s} for s in (1, 2, 3)
+    ]
+    frame = loss_frame(metrics)
+    assert sorted(set(frame["series"])) == ["instance loss", "prior loss", "total", "total (smoothed)"]
+    assert len(frame) == 12
+    html = status_html({"state": "running", "stage_label": "Training", "progress": [3, 30], "step": 3,
+                        "total_steps": 30, "run_id": "r<1>"})  # fmt: skip
+    assert "Training: 3/30" in html and "r&lt;1&gt;" in html and "width:10.0%" in html
+
+
+def test_a_bad_setting_is_named_on_its_box(tmp_path):
+    import gradio as gr
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import photos, train
+
+    with gr.Blocks():
+        base = gr.Dropdown(["tiny-sd15"], value="tiny-sd15")
+        studios = Studios(tmp_path)
+        tab = train.build(studios, base, photos.build(studios, base))
+    values = {box: None for box in tab.settings.values()}
+    values[tab.settings["max_train_steps"]] = 0
+    values[tab.settings["rank"]] = 4
+    verdicts = train.check_settings(tab, values)
+    bad = [v["message"] for v in verdicts if not v["is_valid"]]
+    assert bad == ["Steps must be at least 1."]
+
+
+def test_generate_picks_a_random_seed_unless_one_is_given(tmp_path):
+    import gradio as gr
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import generate
+
+    with gr.Blocks():
+        tab = generate.build(Studios(tmp_path))
+    values = {box: None for box in tab.settings.values()}
+    values.update({tab.settings["seed"]: -1, tab.settings["prompt"]: "a photo of sks dog"})
+    values.update({tab.settings[k]: v for k, v in (("adapter_weight", 1.0), ("steps", 5), ("guidance", 7.5))})
+    kwargs = generate.request_of(tab, values)
+    assert 0 <= kwargs["seed"] < 2**31
+    assert generate.caption(kwargs).startswith(f"seed {kwargs['seed']} · no adapter")
+    values[tab.settings["seed"]] = 7
+    assert generate.request_of(tab, values)["seed"] == 7
