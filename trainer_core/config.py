@@ -83,6 +83,11 @@ class TrainConfig:
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
     )
     random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
+    masked_loss: bool = _f(
+        False,
+        "Weight each photo's loss by its subject mask (photo.mask.png beside it, white = subject, "
+        "written by prep --masks); a photo without a mask counts whole. Class images are never masked.",
+    )
     # optimisation
     max_train_steps: int = _f(400, "Optimizer steps to train.")
     train_batch_size: int = _f(1, "Instance images per step (as many class images are added).")

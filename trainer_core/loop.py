@@ -44,7 +44,15 @@ from .components import (
     resolve_base_model,
 )
 from .config import TrainConfig
-from .data import Example, image_to_tensor, list_images, load_instance_examples, load_rgb
+from .data import (
+    Example,
+    image_to_tensor,
+    list_images,
+    load_instance_examples,
+    load_mask,
+    load_rgb,
+    mask_to_tensor,
+)
 from .events import (
     CheckpointSaved,
     Emit,
@@ -185,6 +193,8 @@ class _Cache:
     pooled_prompt_embeds: torch.Tensor | None = None  # (num_prompts, projection) when frozen
     instance_time_ids: list[torch.Tensor] | None = None  # each (flips, 6): size, crop, target
     class_time_ids: list[torch.Tensor] | None = None
+    # masked_loss only: each photo's mask at the latent size, (flips, 1, h, w), ones without a mask file
+    instance_masks: list[torch.Tensor] | None = None
 
 
 def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
@@ -588,7 +598,7 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
         gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
         slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
         with accelerator.accumulate(*trainer.modules):
-            latents, prompt_embeds, added_cond = _make_batch(
+            latents, prompt_embeds, added_cond, mask = _make_batch(
                 cache,
                 slots,
                 config,
@@ -598,7 +608,8 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
                 trainer.text_encoders if config.train_text_encoder else None,
             )
             # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
-            # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5
+            # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5;
+            # mask: (B, 1, h, w) for the instance half with masked_loss, else None
             noise = torch.randn(latents.shape, generator=gen).to(device)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn(
@@ -622,6 +633,7 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
                 instance_count=batch if config.with_prior_preservation else latents.shape[0],
                 prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
                 weights=weights,
+                mask=mask,
             )
             # A NaN/inf loss is flagged on the device; the run stops at the next host sync, which
             # comes before any checkpoint or adapter is written.
@@ -645,6 +657,7 @@ def compute_loss(
     instance_count: int,
     prior_loss_weight: float,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DreamBooth loss: (total, instance, prior).
 
@@ -652,8 +665,18 @@ def compute_loss(
     order): rows [:instance_count] are the instance half, the rest the class half (none without
     prior preservation). Each sample's MSE over (C, H, W) is weighted by `weights` (min-SNR) when
     given; each half is averaged; total = instance + prior_loss_weight * prior.
+
+    `mask` (instance_count, 1, H, W) in [0, 1] weights each instance sample's per-pixel error (the
+    class half is never masked) and is normalised by its own sum, so a small subject weighs as much
+    as a large one; a masked-out cell gets exactly zero gradient, an all-zero mask zero loss.
     """
-    per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(noise_pred.float(), target.float(), reduction="none")  # (N, C, H, W)
+    per_sample = error.mean(dim=(1, 2, 3))
+    if mask is not None:
+        weight = mask.float().expand(-1, error.shape[1], -1, -1)  # (instance_count, C, H, W)
+        masked = (error[:instance_count] * weight).sum(dim=(1, 2, 3))
+        masked = masked / weight.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+        per_sample = torch.cat([masked, per_sample[instance_count:]])
     if weights is not None:
         per_sample = per_sample * weights
     instance_loss = per_sample[:instance_count].mean()
@@ -946,8 +969,8 @@ def _build_cache(
     flips = (False, True) if config.random_flip else (False,)
     sdxl = len(text_encoders) > 1
 
-    def encode(paths: list[Path], done_before: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        dists, time_ids = [], []
+    def encode(paths: list[Path], done_before: int, masked: bool = False):
+        dists, time_ids, masks = [], [], []
         for i, p in enumerate(paths):
             image = load_rgb(p)
             pixels = torch.stack([image_to_tensor(image, resolution, flip=f) for f in flips])
@@ -961,13 +984,21 @@ def _build_cache(
                 )
                 raise TrainingError(f"The VAE produced NaN or infinite latents for {p.name}; {fix}.")
             dists.append(latent_params)
+            if masked:
+                mask = load_mask(p, image.size)
+                latent_hw = latent_params.shape[-2:]
+                size = (resolution, resolution)
+                masks.append(
+                    torch.stack([mask_to_tensor(mask, image.size, size, latent_hw, flip=f) for f in flips])
+                )
             if sdxl:
                 time_ids.append(torch.tensor([sdxl_time_ids(image.size, resolution, f) for f in flips]))
             emit(Progress("cache", done_before + i + 1, len(examples) + len(class_paths)))
-        return dists, time_ids
+        return dists, time_ids, masks
 
-    instance, instance_time_ids = encode([e.path for e in examples], 0)
-    klass, class_time_ids = encode(class_paths, len(examples))
+    # The class half is never masked (it keeps the model's idea of the whole class image).
+    instance, instance_time_ids, instance_masks = encode([e.path for e in examples], 0, config.masked_loss)
+    klass, class_time_ids, _ = encode(class_paths, len(examples))
     prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
     input_ids = [
         tok(
@@ -999,6 +1030,7 @@ def _build_cache(
         pooled_prompt_embeds=pooled,
         instance_time_ids=instance_time_ids if sdxl else None,
         class_time_ids=class_time_ids if sdxl else None,
+        instance_masks=instance_masks if config.masked_loss else None,
     )
 
 
@@ -1048,7 +1080,7 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
 
     `text_encoders` is None when they are frozen (cached embeddings are used), else the trained ones.
     """
-    latents, prompt_ids, time_ids = [], [], []
+    latents, prompt_ids, time_ids, masks = [], [], [], []
     sources = [(cache.instance_latent_dists, cache.instance_prompt_ids, cache.instance_time_ids, 1)]
     if config.with_prior_preservation:
         sources.append((cache.class_latent_dists, None, cache.class_time_ids, 2))
@@ -1064,7 +1096,11 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
             if sizes is not None:
                 time_ids.append(sizes[index][variant])
+            if salt == 1 and cache.instance_masks is not None:
+                masks.append(cache.instance_masks[index][variant])
     latents_t = torch.stack(latents).to(device)
+    # (B, 1, h, w) for the instance half only, or None
+    mask_t = torch.stack(masks).to(device) if masks else None
     if text_encoders is None:
         prompt_embeds = cache.prompt_embeds[prompt_ids].to(device, dtype=weight_dtype)
         pooled = cache.pooled_prompt_embeds
@@ -1075,12 +1111,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             text_encoders, [ids[prompt_ids].to(device) for ids in input_ids]
         )
     if cache.instance_time_ids is None:
-        return latents_t, prompt_embeds, None
+        return latents_t, prompt_embeds, None, mask_t
     added_cond = {
         "text_embeds": pooled,
         "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
     }
-    return latents_t, prompt_embeds, added_cond
+    return latents_t, prompt_embeds, added_cond, mask_t
 
 
 def _make_optimizer(config: TrainConfig, params):
