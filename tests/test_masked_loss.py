@@ -157,3 +157,72 @@ def test_masked_loss_and_masks_are_cli_flags(tmp_path):
     assert _config_from_args(parser.parse_args(["train", *required])).masked_loss is False
     prep = parser.parse_args(["prep", "--input", "x", "--output", "y", "--masks"])
     assert prep.masks is True
+
+
+# --- prep writes the masks ---------------------------------------------------------------------------
+
+
+def _skimage_photo(name: str) -> Image.Image:
+    from skimage import data as skdata
+
+    return Image.fromarray(getattr(skdata, name)()).convert("RGB")
+
+
+def _read_l(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+def test_prep_masks_cover_the_face_and_not_the_background(tmp_path):
+    from trainer_core.prep import PrepOptions, prepare_photos, read_report, recrop, render_mask
+
+    canvas = Image.new("RGB", (1600, 560), (110, 110, 110))
+    canvas.paste(_skimage_photo("astronaut"), (1600 - 512, 48))
+    canvas.save(tmp_path / "astronaut-wide.jpg", quality=92)
+    out = tmp_path / "prepared"
+    report = prepare_photos([tmp_path / "astronaut-wide.jpg"], out, PrepOptions(resolution=256, masks=True))
+    (entry,) = report.accepted
+    assert entry.face_box is not None and entry.mask == "001-astronaut-wide.mask.png"
+    assert list_images(out) == [out / entry.output], "the mask is no training photo"
+    # The original's mask (for bucketing): the photo's size, white over the face, black far away.
+    full = _read_l(out / mask_path(out / entry.original).relative_to(out))
+    assert full.shape == (560, 1600)
+    fl, ft, fr, fb = entry.face_box
+    assert full[ft:fb, fl:fr].min() == 255
+    assert full[:, :900].max() == 0
+    # The square's mask is the same mask cut by the square's crop box.
+    square = _read_l(out / entry.mask)
+    assert square.shape == (256, 256)
+    expected = np.asarray(render_mask(Image.fromarray(full), entry.crop_box, 256))
+    assert np.array_equal(square, expected)
+    cl, ct, cr, _ = entry.crop_box
+    s = 256 / (cr - cl)
+    inner = square[
+        round((ft - ct) * s) + 2 : round((fb - ct) * s) - 2,
+        round((fl - cl) * s) + 2 : round((fr - cl) * s) - 2,
+    ]
+    assert inner.min() >= 250
+    # A recrop cuts the square's mask again; preparing again from originals/ skips the masks.
+    box = (900, 0, 1460, 560)
+    recrop(out, entry.output, box)
+    expected = np.asarray(render_mask(Image.fromarray(full), box, 256))
+    assert np.array_equal(_read_l(out / entry.mask), expected)
+    again = prepare_photos([out / "originals"], out, PrepOptions(resolution=256, masks=True))
+    assert len(again.accepted) == 1 and not again.rejected
+    assert read_report(out).accepted[0].mask == entry.mask
+
+
+def test_prep_masks_the_busiest_region_without_a_face(tmp_path):
+    from trainer_core.prep import PrepOptions, prepare_photos
+
+    canvas = Image.new("RGB", (1400, 300), (235, 235, 235))
+    canvas.paste(_skimage_photo("chelsea"), (0, 0))  # the cat: 451x300 at the left edge
+    canvas.save(tmp_path / "cat-wide.png")
+    report = prepare_photos(
+        [tmp_path / "cat-wide.png"], tmp_path / "out", PrepOptions(resolution=128, masks=True)
+    )
+    (entry,) = report.accepted
+    assert entry.face_box is None
+    full = _read_l(tmp_path / "out" / "originals" / "001-cat-wide.mask.png") / 255.0
+    assert full[:, :451].mean() > 0.8, "most of the cat is subject"
+    assert full[:, 700:].max() == 0, "the plain background is not"

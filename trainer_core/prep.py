@@ -687,7 +687,7 @@ def _busiest_region(grey: Image.Image) -> np.ndarray | None:
     from skimage.filters.rank import entropy
     from skimage.morphology import disk
 
-    detail = ndimage.gaussian_filter(entropy(np.asarray(grey), disk(4)).astype(np.float64), 2)
+    detail = ndimage.gaussian_filter(entropy(np.array(grey), disk(4)).astype(np.float64), 2)
     if detail.max() - detail.min() < 1e-6:
         return None
     labels, count = ndimage.label(detail > threshold_otsu(detail))
