@@ -200,3 +200,38 @@ def mask_to_tensor(
     assert mask.size == image_size
     pixels = np.asarray(fit_to_size(mask, target, flip=flip), dtype=np.float32) / 255.0  # (H, W)
     return F.interpolate(torch.from_numpy(pixels)[None, None], size=tuple(latent_hw), mode="area")[0]
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as `load_rgb` sees it (EXIF orientation applied), without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError) as e:
+        raise TrainingError(f"The image {path.name} cannot be read ({e}); remove it or re-export it.") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def uncropped_sources(paths: list[Path]) -> list[Path]:
+    """For aspect-ratio bucketing: each prepared square's uncropped original (prep keeps it under
+    `originals/`, named in report.json); a photo of a plain folder is its own source."""
+    import json
+
+    sources = []
+    for p in paths:
+        report = p.parent / "report.json"
+        original = None
+        if report.is_file():
+            try:
+                accepted = json.loads(report.read_text(encoding="utf-8")).get("accepted", [])
+            except (OSError, ValueError):
+                accepted = []
+            for entry in accepted:
+                if entry.get("output") == p.name and entry.get("original"):
+                    original = p.parent / entry["original"]
+            if original is not None and not original.is_file():
+                log.warning("bucketing: the original of %s is missing; its square is used", p.name)
+                original = None
+        sources.append(original or p)
+    return sources
