@@ -95,19 +95,38 @@ def test_a_prepared_set_is_bucketed_from_its_originals(tiny_model, class_dir, tm
     from trainer_core.prep import PrepOptions, prepare_photos
 
     prepared = tmp_path / "prepared"
-    prepare_photos([_mixed_photos(tmp_path / "raw")], prepared, PrepOptions(resolution=64, crop="center"))
+    options = PrepOptions(resolution=64, crop="center", masks=True)
+    prepare_photos([_mixed_photos(tmp_path / "raw")], prepared, options)
+    # The originals' masks: the left half of each photo is the subject.
+    for mask_file in (prepared / "originals").glob("*.mask.png"):
+        with Image.open(mask_file) as im:
+            w, h = im.size
+        half = np.zeros((h, w), dtype=np.uint8)
+        half[:, : w // 2] = 255
+        Image.fromarray(half).save(mask_file)
     cfg, cache = _cache(
-        tiny_model, prepared, tmp_path, 128, class_data_dir=str(class_dir), train_batch_size=2
+        tiny_model,
+        prepared,
+        tmp_path,
+        128,
+        class_data_dir=str(class_dir),
+        train_batch_size=2,
+        masked_loss=True,
     )
     examples = load_instance_examples(prepared, cfg.instance_prompt)
     buckets = make_buckets(128)
+    names = [e.path.stem.split("-", 1)[1] for e in examples]
     for example, bucket, dist in zip(
         examples, cache.instance_buckets, cache.instance_latent_dists, strict=True
     ):
         name = example.path.stem.split("-", 1)[1]
         assert bucket == nearest_bucket(SIZES[name], buckets), "the original's aspect, not the square's"
         assert tuple(dist.shape[-2:]) == (bucket[1] // 8, bucket[0] // 8)
-    names = [e.path.stem.split("-", 1)[1] for e in examples]
+    # With masked_loss too: each mask is the original's, cut to the same bucket as its photo.
+    for dist, mask in zip(cache.instance_latent_dists, cache.instance_masks, strict=True):
+        assert mask.shape[-2:] == dist.shape[-2:]
+    wide_mask = cache.instance_masks[names.index("wide")][0]  # (1, 8, 24): 160x80 -> 192x96 -> 192x64
+    assert torch.all(wide_mask[..., :11] == 1) and torch.all(wide_mask[..., 13:] == 0)
     assert cache.instance_buckets[names.index("wide")] == (192, 64)
     assert cache.instance_buckets[names.index("tall")] == (64, 192)
     # Class latents exist for each bucket in use, cropped to it.
@@ -116,11 +135,12 @@ def test_a_prepared_set_is_bucketed_from_its_originals(tiny_model, class_dir, tm
         assert len(dists) == 4 and all(tuple(d.shape[-2:]) == (h // 8, w // 8) for d in dists)
     for step in range(8):
         slots = [step * 2, step * 2 + 1]
-        latents, _, _, _ = _make_batch(
+        latents, _, _, mask = _make_batch(
             cache, slots, cfg, torch.Generator().manual_seed(step), "cpu", torch.float32, None
         )
         bucket = cache.instance_buckets[_bucketed_batch(cache.instance_buckets, slots, cfg.seed)[0]]
         assert latents.shape == (4, 4, bucket[1] // 8, bucket[0] // 8)  # 2 instance + 2 class, one bucket
+        assert mask.shape == (2, 1, bucket[1] // 8, bucket[0] // 8)
 
 
 def test_sdxl_time_ids_are_the_bucket_and_its_crop(tiny_sdxl, tmp_path):
