@@ -1064,6 +1064,8 @@ def _encode_images(
             masks.append(
                 torch.stack([mask_to_tensor(mask, image.size, target, latent_hw, flip=f) for f in flips])
             )
+            if not masks[-1].any():
+                log.warning("the mask of %s is black where the photo is trained: it teaches nothing", p.name)
         if sdxl:
             time_ids.append(torch.tensor([sdxl_time_ids(image.size, target, f) for f in flips]))
         emit(Progress("cache", done_before + i + 1, total))
