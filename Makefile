@@ -4,6 +4,8 @@
 #   make setup       create $(VENV) and install the pinned dependencies (again only if requirements change)
 #   make run         the browser app on http://127.0.0.1:7860 (HOST=0.0.0.0 PORT=... DATA=... BASE_MODEL=...)
 #   make demo        offline CLI demo: synthetic photos -> 30-step training -> runs/demo/sample.png
+#   make demo-shapes the same on tiny-shapes: learns a polka-dot circle -> runs/demo-shapes/with-token.png, without-token.png
+#   make pretrain-shapes  build trainer_core/models/tiny-shapes (scripts/pretrain_tiny_shapes.py; see docs/TINY_SHAPES.md)
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
 #   make bench       training speed benchmark (bench/train_speed.py; BENCH_ARGS=--quick for a smoke run)
@@ -17,8 +19,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMO ?= runs/demo
 DEMO_PHOTOS ?= runs/demo-photos
+SHAPES_DEMO ?= runs/demo-shapes
 BENCH_ARGS ?=
-LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples
+LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples scripts
 HOST ?= 127.0.0.1
 PORT ?= 7860
 DATA ?= data
@@ -31,7 +34,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-.PHONY: help setup run demo test test-slow bench bench-switch bench-gpu lint
+.PHONY: help setup run demo demo-shapes pretrain-shapes test test-slow bench bench-switch bench-gpu lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -64,6 +67,23 @@ demo: | $(PY)
 		--prompt "a photo of sks toy" --seed 1 --out $(DEMO)/sample-base.png
 	@echo "demo done: adapter in $(DEMO)/adapter, images $(DEMO)/sample.png (with it) and" \
 		"$(DEMO)/sample-base.png (without); tiny-sd15 is a random model, so both are noise"
+
+# tiny-shapes knows circles of five colours; in a few minutes it learns one particular circle (red
+# with white dots) as "sks circle" and keeps drawing ordinary circles for "a photo of a circle"
+# (prior preservation). The numbers are config.QUICK_TRY's, as in the app's Quick try (a test checks).
+demo-shapes: | $(PY)
+	rm -rf $(SHAPES_DEMO)
+	$(PY) examples/make_subject_photos.py $(SHAPES_DEMO)/photos --count 5
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-shapes \
+		--instance-dir $(SHAPES_DEMO)/photos --instance-prompt "a photo of sks circle" \
+		--class-prompt "a photo of a circle" --num-class-images 16 --class-generation-steps 20 \
+		--rank 8 --learning-rate 0.001 --max-train-steps 150 --checkpointing-steps 0 \
+		--report-to none --output-dir $(SHAPES_DEMO)/run
+	HF_HUB_OFFLINE=1 $(PY) examples/shapes_pictures.py $(SHAPES_DEMO)/run/adapter $(SHAPES_DEMO) \
+		--photos $(SHAPES_DEMO)/photos
+
+pretrain-shapes: | $(PY)
+	HF_HUB_OFFLINE=1 $(PY) scripts/pretrain_tiny_shapes.py --evaluate
 
 test: | $(PY)
 	$(call pytest_or_explain,)

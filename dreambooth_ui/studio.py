@@ -123,7 +123,12 @@ def safe_name(name: str, what: str = "name") -> str:
 
 def base_model_choices(default: str) -> list[tuple[str, str]]:
     """(label, value) pairs for the base model picker; the default first when it is not listed."""
-    choices = [(label, key) for key, (_, label) in TINY_MODELS.items()]
+    # tiny-shapes is offered only once its weights are built (make pretrain-shapes).
+    from trainer_core.tiny_shapes import weights_present
+
+    choices = [
+        (label, key) for key, (_, label) in TINY_MODELS.items() if key != "tiny-shapes" or weights_present()
+    ]
     choices += [(f"{label} ({key})", key) for key, label in HUB_MODELS.items()]
     if default not in TINY_MODELS and default not in HUB_MODELS:
         choices.insert(0, (default, default))

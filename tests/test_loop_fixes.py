@@ -145,6 +145,7 @@ def test_lr_schedule_waits_when_the_grad_scaler_skipped_the_step():
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([param], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    optimizer.step()
     loop.step_lr_scheduler(SimpleNamespace(optimizer_step_was_skipped=True), scheduler)
     assert scheduler.last_epoch == 0
     loop.step_lr_scheduler(SimpleNamespace(optimizer_step_was_skipped=False), scheduler)

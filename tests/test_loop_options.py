@@ -68,11 +68,11 @@ def test_cuda_only_options_fail_with_a_sentence(cfg, change, fragment):
 
 
 def test_fused_adam_builds_a_fused_adamw_and_excludes_8bit(cfg):
-    from trainer_core.loop import _make_optimizer
+    from trainer_core.optim import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert _make_optimizer(cfg, params).param_groups[0]["fused"] in (None, False)
-    fused = _make_optimizer(dataclasses.replace(cfg, fused_adam=True), params)
+    assert make_optimizer(cfg, params, []).param_groups[0]["fused"] in (None, False)
+    fused = make_optimizer(dataclasses.replace(cfg, fused_adam=True), params, [])
     assert isinstance(fused, torch.optim.AdamW) and fused.param_groups[0]["fused"] is True
     params[0].grad = torch.ones(3)
     fused.step()  # the fused kernel runs here (torch has one for the CPU too)

@@ -3,12 +3,17 @@ metadata, the training config, metrics, samples and a model card, written atomic
 
 Layout (the contract in DESIGN.md):
     pytorch_lora_weights.safetensors   loadable by `pipe.load_lora_weights(folder)`
-    <name>.safetensors                 kohya keys (lora_unet_*, lora_te_* for SD 1.5 or lora_te1_* /
-                                       lora_te2_* for SDXL, each module with its alpha)
+    <name>.safetensors                 kohya keys named as kohya's trainer names them (lora_unet_* from
+                                       diffusers names for SD 1.5, from the original SGM UNet for SDXL;
+                                       lora_te_*, or lora_te1_* / lora_te2_* for SDXL), each with its alpha
     adapter.json, config.json, metrics.jsonl, samples/, README.md
 
-`import_adapter` adds a LoRA file made elsewhere (diffusers/peft or kohya keys) to an adapter store
-as the same kind of folder, after checking that it is a real safetensors file that fits the base model.
+A DoRA (use_dora) is saved with its magnitudes too: `lora_magnitude_vector` in the diffusers file,
+`<module>.dora_scale` (per output feature, as ComfyUI and Forge apply it) in the kohya file.
+
+`import_adapter` adds a LoRA file made elsewhere (diffusers/peft keys, kohya keys with diffusers or
+original UNet names, ComfyUI's own keys) to an adapter store as the same kind of folder, after
+checking that it is a real safetensors file that fits the base model.
 """
 
 from __future__ import annotations
@@ -65,41 +70,106 @@ def to_kohya(
     *,
     te_prefix: str = "lora_te",
     te2_lora: dict[str, torch.Tensor] | None = None,
+    sgm_layers_per_block: int | None = None,
+    dora_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """peft-key LoRA weights -> kohya sd-scripts keys, the format A1111 and ComfyUI load.
 
-    kohya names a module by its diffusers path with dots as underscores; lora_A/lora_B become
+    kohya names a module by its path with dots as underscores; lora_A/lora_B become
     lora_down/lora_up, and each module carries its alpha (the update is scaled by alpha / rank).
     `alpha` is one number, or per module ("lora_unet_..." kohya name -> alpha). SDXL passes
-    te_prefix="lora_te1" and its second text encoder as `te2_lora` (lora_te2_...). Text-encoder
-    modules are named from `text_model`, as A1111 and ComfyUI expect.
+    te_prefix="lora_te1", its second text encoder as `te2_lora` (lora_te2_...) and its UNet's
+    `sgm_layers_per_block`: kohya trains SDXL on the original (SGM) UNet and names its modules
+    from it (input_blocks/middle_block/output_blocks); SD 1.5 keeps the diffusers names, as kohya
+    writes them. Text-encoder modules are named from `text_model`, as A1111 and ComfyUI expect.
+    A DoRA's magnitudes come as `dora_scales` (kohya name -> `<name>.dora_scale`, see
+    `_dora_scales`); peft's lora_magnitude_vector keys are left out.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {
+        f"{name}.dora_scale": t.contiguous() for name, t in (dora_scales or {}).items()
+    }
     groups = (("lora_unet", unet_lora), (te_prefix, te_lora or {}), ("lora_te2", te2_lora or {}))
     for prefix, state in groups:
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")  # "down_blocks.0...to_q", "A.weight"
-            name = kohya_name(prefix, module)
+            name = kohya_name(prefix, module, sgm_layers_per_block)
             if kind == "A.weight":
                 out[f"{name}.lora_down.weight"] = tensor.contiguous()
                 module_alpha = alpha[name] if isinstance(alpha, dict) else alpha
                 out[f"{name}.alpha"] = torch.tensor(float(module_alpha))
             elif kind == "B.weight":
                 out[f"{name}.lora_up.weight"] = tensor.contiguous()
+            elif kind == "magnitude_vector":
+                if f"{name}.dora_scale" not in out:
+                    raise ValueError(f"no dora_scale given for the DoRA module {name}")
             else:
                 raise ValueError(f"unexpected LoRA key {key}")
     return out
 
 
-def kohya_name(prefix: str, module: str) -> str:
+def kohya_name(prefix: str, module: str, sgm_layers_per_block: int | None = None) -> str:
     """kohya's name of a LoRA module: "lora_unet" + "down_blocks.1.attentions.0...to_q" ->
-    "lora_unet_down_blocks_1_attentions_0_..._to_q"."""
-    if prefix != "lora_unet" and not module.startswith("text_model."):
+    "lora_unet_down_blocks_1_attentions_0_..._to_q", or with `sgm_layers_per_block` (SDXL)
+    "lora_unet_input_blocks_4_1_..._to_q"."""
+    if prefix == "lora_unet" and sgm_layers_per_block is not None:
+        module = sgm_unet_module(module, sgm_layers_per_block)
+    elif prefix != "lora_unet" and not module.startswith("text_model."):
         module = f"text_model.{module}"  # transformers >= 5 CLIPTextModel has no text_model level
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def _module_alphas(model, prefix: str, adapter: str) -> dict[str, float]:
+# diffusers ResnetBlock2D sub-module -> the original (LDM/SGM) ResBlock's
+_SGM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_SGM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def sgm_unet_module(module: str, layers_per_block: int) -> str:
+    """The original-UNet (SGM/LDM) path of a diffusers UNet module, as kohya names SDXL modules:
+    down_blocks.b.{resnets|attentions}.j -> input_blocks.(1 + b*(L+1) + j).{0|1},
+    mid_block.{resnets.0|attentions.0|resnets.1} -> middle_block.{0|1|2},
+    up_blocks.b.{resnets|attentions}.j -> output_blocks.(b*(L+1) + j).{0|1} (L = layers per block).
+    """
+    if module in _SGM_TOP:
+        return _SGM_TOP[module]
+    parts = module.split(".")
+    per = layers_per_block + 1
+    if parts[0] == "down_blocks" and parts[2] == "downsamplers":
+        return f"input_blocks.{1 + int(parts[1]) * per + layers_per_block}.0.op"
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        block = "middle_block.1" if kind == "attentions" else f"middle_block.{2 * j}"
+    elif parts[0] in ("down_blocks", "up_blocks"):
+        kind, b, j, rest = parts[2], int(parts[1]), int(parts[3]), parts[4:]
+        index = 1 + b * per + j if parts[0] == "down_blocks" else b * per + j
+        sgm_blocks = "input_blocks" if parts[0] == "down_blocks" else "output_blocks"
+        block = f"{sgm_blocks}.{index}.{1 if kind == 'attentions' else 0}"
+    else:
+        kind, block, rest = "", "", []
+    if kind == "attentions":
+        return ".".join([block, *rest])
+    if kind == "resnets" and ".".join(rest) in _SGM_RESNET:
+        return f"{block}.{_SGM_RESNET['.'.join(rest)]}"
+    raise ValueError(f"no original-UNet name for the diffusers module {module!r}")
+
+
+def _module_alphas(
+    model, prefix: str, adapter: str, sgm_layers_per_block: int | None = None
+) -> dict[str, float]:
     """Each LoRA module's effective alpha (scaling x rank), by kohya name: exact for per-module
     ranks and alphas (imported adapters), equal to the config's alpha for trained ones."""
     from peft.tuners.lora import LoraLayer
@@ -107,8 +177,43 @@ def _module_alphas(model, prefix: str, adapter: str) -> dict[str, float]:
     out = {}
     for module_name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.scaling:
-            out[kohya_name(prefix, module_name)] = float(module.scaling[adapter]) * int(module.r[adapter])
+            name = kohya_name(prefix, module_name, sgm_layers_per_block)
+            out[name] = float(module.scaling[adapter]) * int(module.r[adapter])
     return out
+
+
+def _dora_scales(
+    model, prefix: str, adapter: str, sgm_layers_per_block: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Each DoRA module's magnitude in the layout ComfyUI and Forge apply, by kohya name.
+
+    peft's DoRA gives a layer W' = m * (W + dW) / ||W + dW|| (row norms: one magnitude per output
+    feature). ComfyUI and Forge read a `dora_scale` of shape (out, 1) as per-output magnitudes and
+    compute W' = (W + dW) * dora_scale / ||W|| (the norm of the base weight), so the file carries
+    dora_scale = m * ||W|| / ||W + dW||, which gives them peft's W' exactly on this base model.
+    (AUTOMATIC1111 applies only per-input magnitudes, shape (1, in): no file can give it peft's DoRA.)
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if not (isinstance(module, LoraLayer) and module.use_dora.get(adapter)):
+                continue
+            base = module.get_base_layer().weight.detach().float()
+            delta = module.get_delta_weight(adapter).detach().float()
+            magnitude = module.lora_magnitude_vector[adapter].weight.detach().float()
+            ratio = base.flatten(1).norm(dim=1) / (base + delta).flatten(1).norm(dim=1)
+            name = kohya_name(prefix, module_name, sgm_layers_per_block)
+            out[name] = (magnitude * ratio).reshape(-1, *[1] * (base.dim() - 1)).cpu()
+    return out
+
+
+def text_encoder_dora_keys(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A text encoder's diffusers LoRA layers with its DoRA magnitudes under `...lora_magnitude_vector
+    .weight`: transformers' adapter loader (which diffusers uses for text encoders) silently skips
+    them without the ".weight" ending, and the DoRA would load as a different adapter."""
+    return {f"{k}.weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in layers.items()}
 
 
 def _with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,10 +268,13 @@ def save_adapter(
     alpha = float(unet_cfg.lora_alpha)
     rank = int(unet_cfg.r)
     te_prefix = "lora_te1" if arch == "sdxl" else "lora_te"
-    alphas = _module_alphas(unet, "lora_unet", peft_adapter)
+    sgm = int(unet.config.layers_per_block) if arch == "sdxl" else None  # kohya's SDXL names
+    alphas = _module_alphas(unet, "lora_unet", peft_adapter, sgm)
+    dora_scales = _dora_scales(unet, "lora_unet", peft_adapter, sgm)
     for key, prefix in (("text_encoder", te_prefix), ("text_encoder_2", "lora_te2")):
         if key in te_loras:
             alphas.update(_module_alphas(encoders[key], prefix, peft_adapter))
+            dora_scales.update(_dora_scales(encoders[key], prefix, peft_adapter))
 
     save_kwargs: dict[str, Any] = dict(
         unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
@@ -175,10 +283,15 @@ def save_adapter(
         safe_serialization=True,
     )
     for key, te_lora in te_loras.items():
-        save_kwargs[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
+        te_layers = convert_state_dict_to_diffusers(_with_text_model_prefix(te_lora))
+        save_kwargs[f"{key}_lora_layers"] = text_encoder_dora_keys(te_layers)
         save_kwargs[f"{key}_lora_adapter_metadata"] = encoders[key].peft_config[peft_adapter].to_dict()
     pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
+    # An adapter named like the diffusers file must not overwrite it with its kohya copy.
+    kohya_file = (
+        f"{name}.safetensors" if f"{name}.safetensors" != LORA_WEIGHT_NAME else f"{name}-kohya.safetensors"
+    )
     adapter_dir = Path(adapter_dir)
     with atomic_directory(adapter_dir, replace=replace) as tmp:
         # The adapter metadata carries lora_alpha: without it diffusers would load alpha = rank and
@@ -191,8 +304,10 @@ def save_adapter(
                 alphas,
                 te_prefix=te_prefix,
                 te2_lora=te_loras.get("text_encoder_2"),
+                sgm_layers_per_block=sgm,
+                dora_scales=dora_scales,
             ),
-            str(tmp / f"{name}.safetensors"),
+            str(tmp / kohya_file),
             metadata={
                 "ss_network_module": "networks.lora",
                 "ss_network_dim": str(rank),
@@ -207,8 +322,9 @@ def save_adapter(
             "rank": rank,
             "alpha": alpha,
             "text_encoder_lora": bool(te_loras),
+            "dora": bool(unet_cfg.use_dora),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": f"{name}.safetensors"},
+            "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": kohya_file},
             **metadata,
         }
         (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -281,6 +397,12 @@ AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
 `<lora:{name}:1> {info.get("instance_prompt", "")}` with {checkpoint} checkpoint selected.
 
 ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
+{_DORA_NOTE if info.get("dora") else ""}"""
+
+
+_DORA_NOTE = """
+This is a DoRA: diffusers, ComfyUI and Forge apply its magnitudes. AUTOMATIC1111 reads only the
+older per-input DoRA layout and would apply this file wrongly: use ComfyUI, Forge or diffusers.
 """
 
 
@@ -314,7 +436,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _lora_kind(state: dict[str, torch.Tensor], file_name: str) -> str:
-    """ "kohya" or "diffusers" (diffusers or peft keys), or a refusal sentence."""
+    """ "kohya", "comfyui" (ComfyUI's own diffusion_model./text_encoders. keys) or "diffusers"
+    (diffusers or peft keys), or a refusal sentence."""
     keys = list(state)
     if any(marker in k for k in keys for marker in _NOT_LORA):
         raise TrainingError(
@@ -323,6 +446,8 @@ def _lora_kind(state: dict[str, torch.Tensor], file_name: str) -> str:
         )
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return "kohya"
+    if any(k.startswith(_COMFYUI_PREFIXES) for k in keys):
+        return "comfyui"
     lora_markers = (
         "lora_A",
         "lora_B",
@@ -337,6 +462,41 @@ def _lora_kind(state: dict[str, torch.Tensor], file_name: str) -> str:
     raise TrainingError(
         f"{file_name} holds no LoRA weights (no lora_unet_/lora_te keys and no lora_A/lora_B keys)."
     )
+
+
+_COMFYUI_PREFIXES = ("diffusion_model.", "text_encoders.")
+_COMFYUI_SUFFIXES = {
+    "lora_up.weight": "lora_up.weight",
+    "lora_down.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_A.weight": "lora_down.weight",
+    "alpha": "alpha",
+    "dora_scale": "dora_scale",
+}
+
+
+def comfyui_to_kohya(state: dict[str, torch.Tensor], arch: str, file_name: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's native LoRA keys -> kohya keys, which diffusers converts: the UNet's
+    "diffusion_model.<original module>" becomes lora_unet_<module> (original names, as kohya's SDXL
+    files have), "text_encoders.clip_l.transformer.<module>" lora_te_ (lora_te1_ for SDXL) and
+    "text_encoders.clip_g.transformer.<module>" lora_te2_."""
+    te_prefixes = {
+        "text_encoders.clip_l.transformer.": "lora_te1" if arch == "sdxl" else "lora_te",
+        "text_encoders.clip_g.transformer.": "lora_te2",
+        "diffusion_model.": "lora_unet",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix = next((p for p in te_prefixes if key.startswith(p)), None)
+        suffix = next((x for x in _COMFYUI_SUFFIXES if key.endswith(f".{x}")), None)
+        if prefix is None or suffix is None:
+            raise TrainingError(
+                f"{file_name} is a ComfyUI LoRA with a key this importer cannot place ({key}); "
+                "only UNet and CLIP text-encoder LoRA modules can be imported."
+            )
+        module = key[len(prefix) : -len(suffix) - 1]
+        out[f"{te_prefixes[prefix]}_{module.replace('.', '_')}.{_COMFYUI_SUFFIXES[suffix]}"] = tensor
+    return out
 
 
 def _lora_architecture(converted_keys: list[str]) -> str | None:
@@ -367,7 +527,8 @@ def import_adapter(
     *,
     single_file_config: str | None = None,
 ) -> Path:
-    """Add a LoRA file made elsewhere (diffusers/peft or kohya keys, `.safetensors` only) to the
+    """Add a LoRA file made elsewhere (diffusers/peft keys, kohya keys with diffusers or original
+    UNet names, or ComfyUI's own keys; `.safetensors` only) to the
     adapter store as a complete adapter folder `adapters_dir/<name>`; returns that folder.
 
     The file is checked by content (pickles are refused unread), for NaN/inf, for LoRA keys, and
@@ -395,7 +556,13 @@ def import_adapter(
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingError(f"{path.name} contains NaN or infinite values ({key}); it was not imported.")
     kind = _lora_kind(state, path.name)
-    name = sanitize_name(name or path.stem)
+    if kind != "diffusers" and any(k.endswith(".dora_scale") for k in state):
+        raise TrainingError(
+            f"{path.name} is a DoRA in kohya/ComfyUI layout, whose magnitudes (dora_scale) diffusers' "
+            "loader drops, so it would import as a different adapter; import its diffusers file instead."
+        )
+    # A diffusers file is named by its folder (every one is pytorch_lora_weights.safetensors).
+    name = sanitize_name(name or (path.parent.name if path.name == LORA_WEIGHT_NAME else path.stem))
     target = Path(adapters_dir) / name
     if target.exists():
         raise TrainingError(f"An adapter named {name} already exists in {adapters_dir}; choose another name.")
@@ -403,11 +570,17 @@ def import_adapter(
     parts, _source = load_components(base_model, single_file_config=single_file_config)
     base_arch = architecture(parts)
     pipe = assemble_pipeline(parts)
+    # kohya and ComfyUI files may name UNet modules from the original (LDM/SGM) UNet; diffusers maps
+    # those back only when given the UNet's config (its SDXL loader passes it itself, SD 1.5's not).
+    unet_config = {} if base_arch == "sdxl" else {"unet_config": parts["unet"].config}
+    comfyui = comfyui_to_kohya(state, base_arch, path.name) if kind == "comfyui" else None
     try:
-        converted, _alphas = type(pipe).lora_state_dict(str(path), unet_config=parts["unet"].config)
+        converted, _alphas = type(pipe).lora_state_dict(
+            dict(comfyui) if comfyui is not None else str(path), unet_config=parts["unet"].config
+        )
     except Exception as e:  # diffusers' converters raise ValueError / KeyError on foreign layouts
         raise TrainingError(
-            f"{path.name} has LoRA keys diffusers cannot read ({type(e).__name__}: {e})."
+            f"{path.name} has LoRA keys diffusers cannot read ({type(e).__name__}: {first_line(e)})."
         ) from e
     lora_arch = _lora_architecture(list(converted))
 
@@ -418,18 +591,22 @@ def import_adapter(
                 f"{path.name} is an {_ARCH_LABEL[lora_arch]} LoRA and {base_model} is an "
                 f"{_ARCH_LABEL[base_arch]} model; import it with an {_ARCH_LABEL[lora_arch]} base model."
             )
-        return TrainingError(
-            f"{path.name} does not fit the base model {base_model} ({why}); it is a LoRA for another model."
-        )
+        return TrainingError(f"{path.name} does not fit the base model {base_model}: {why}.")
 
     # diffusers logs a failed load at ERROR level before raising; the sentence below says it once.
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
     try:
-        # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata.
-        pipe.load_lora_weights(str(path), adapter_name="default")
+        # By path, not by tensors: a diffusers file keeps its alpha in the file's metadata (a
+        # ComfyUI file, renamed to kohya keys in memory, carries its alphas as tensors).
+        source = comfyui if comfyui is not None else str(path)
+        pipe.load_lora_weights(source, adapter_name="default", **unet_config)
     except Exception as e:  # size mismatches (RuntimeError), unknown modules (ValueError)
-        raise refuse("its layer shapes differ" if "size mismatch" in str(e) else first_line(e)) from e
+        if "size mismatch" in str(e):
+            raise refuse(
+                "its layer shapes differ from the model's, so it was made for another base model"
+            ) from e
+        raise refuse(f"diffusers could not apply it ({first_line(e)})") from e
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
 
@@ -443,10 +620,12 @@ def import_adapter(
         if model is not None and "default" in (getattr(model, "peft_config", None) or {})
     }
     if "default" not in (getattr(parts["unet"], "peft_config", None) or {}):
-        raise refuse("no LoRA module matches a UNet layer")
+        raise refuse(
+            f"none of its LoRA modules names a layer of this model's UNet (first key: {next(iter(state))})"
+        )
     modules_loaded = sum(len(peft_lora_state(m)) // 2 for m in (parts["unet"], *loaded.values()))
     if modules_loaded < modules_in_file:
-        raise refuse(f"only {modules_loaded} of its {modules_in_file} LoRA modules match layers of the model")
+        raise refuse(f"only {modules_loaded} of its {modules_in_file} LoRA modules name layers of this model")
     metadata = {
         "base_model": base_model,
         "imported": True,

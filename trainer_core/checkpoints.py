@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # What a checkpoint must share with the run that resumes it (one list: saving and checking read it).
-RESUME_KEYS = ("base_model", "rank", "alpha", "train_text_encoder")
+RESUME_KEYS = ("base_model", "rank", "alpha", "train_text_encoder", "use_dora", "optimizer")
+# What a checkpoint written before a key existed had (so older checkpoints still resume).
+_RESUME_DEFAULTS = {"use_dora": False, "optimizer": "adamw"}
 # The component prefixes of the LoRA keys in lora.safetensors. "text_encoder." does not match
 # "text_encoder_2." keys: the dot ends the prefix.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -45,6 +47,8 @@ def resume_identity(config) -> dict[str, Any]:
         "rank": config.rank,
         "alpha": config.lora_alpha,
         "train_text_encoder": config.train_text_encoder,
+        "use_dora": config.use_dora,
+        "optimizer": config.optimizer,
     }
     assert tuple(values) == RESUME_KEYS
     return values
@@ -228,9 +232,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def check_resume_compatible(state: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key in RESUME_KEYS:
-        if state.get(key) != current.get(key):
+        saved = state.get(key, _RESUME_DEFAULTS.get(key))
+        if saved != current.get(key):
             raise TrainingError(
-                f"Cannot resume from {path.name}: it was trained with {key}={state.get(key)!r}, "
+                f"Cannot resume from {path.name}: it was trained with {key}={saved!r}, "
                 f"this run has {key}={current.get(key)!r}; use the same setting or start a new run."
             )
 

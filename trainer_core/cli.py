@@ -1,4 +1,5 @@
-"""`python -m trainer_core ...`: make-tiny-model, prep, train, generate, import-adapter, runs.
+"""`python -m trainer_core ...`: make-tiny-model, prep, train, generate, import-adapter, runs,
+evaluate, export-checkpoint.
 
 Progress goes to stderr (drawn here from the engine's events); `train` ends stdout with one JSON
 line. Bad arguments or input exit non-zero with one line, never a traceback. Ctrl-C during
@@ -289,10 +290,42 @@ def cmd_runs(args) -> int:
     if args.action == "show":
         info = runs.read_run(args.run_dir).to_dict()
         info["metrics"] = runs.read_metrics(args.run_dir)
+        info["scores"] = runs.read_scores(args.run_dir)
+        info["best_checkpoint"] = _best_checkpoint(args.run_dir)
         print(json.dumps(info, sort_keys=True))
         return 0
     runs.delete_run(args.run_dir, args.runs_dir)
     print(json.dumps({"deleted": str(args.run_dir)}))
+    return 0
+
+
+def _best_checkpoint(run_dir):
+    from .evaluate import best_checkpoint_for_run
+
+    return best_checkpoint_for_run(run_dir)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import score_checkpoints
+
+    _quiet_libraries()
+    rows = score_checkpoints(args.run_dir, args.eval_models, emit=_ProgressPrinter())
+    summary = {
+        "run_dir": str(args.run_dir),
+        "scores": str(Path(args.run_dir) / "scores.jsonl"),
+        "scored_steps": [r["step"] for r in rows],
+        "best_checkpoint": _best_checkpoint(args.run_dir),
+    }
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_export_checkpoint(args) -> int:
+    from .evaluate import export_checkpoint
+
+    _quiet_libraries()
+    folder = export_checkpoint(args.run_dir, args.step, args.out)
+    print(json.dumps({"adapter_dir": str(folder), "step": args.step}))
     return 0
 
 
@@ -442,6 +475,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs-dir", default="runs", metavar="DIR", help="Folder holding the runs (default: runs)."
     )
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="Score every saved checkpoint of a run (DINO, CLIP-I, CLIP-T, PRES) into scores.jsonl.",
+        description="Load each checkpoint's LoRA on the run's base model, render the fixed scene and class "
+        "prompts with fixed seeds, and score them against the run's photos: subject fidelity (dino, "
+        "clip_i), prompt fidelity (clip_t) and prior preservation (pres, lower is better). Rows go to "
+        "RUN_DIR/scores.jsonl; the JSON summary names the best checkpoint by the run's rule.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="The run folder.")
+    p.add_argument(
+        "--eval-models",
+        choices=["auto", "tiny", "none"],
+        default=None,
+        help="auto: the real CLIP and DINO models (cached or downloaded); tiny: tiny random models "
+        "(offline, for trying the flow); none: off (default: the run's setting).",
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "export-checkpoint",
+        help="Make a complete adapter folder from one checkpoint of a run.",
+        description="Write the LoRA of RUN_DIR's checkpoint at --step as an adapter folder (diffusers and "
+        "kohya weights, adapter.json with that step's scores, config, metrics up to the step, samples).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="The run folder.")
+    p.add_argument("--step", type=int, required=True, metavar="K", help="The checkpoint's step.")
+    p.add_argument("--out", required=True, metavar="DIR", help="A new folder for the adapter.")
+    p.set_defaults(func=cmd_export_checkpoint)
     return parser
 
 

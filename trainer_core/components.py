@@ -316,6 +316,10 @@ def tiny_model_dir(name: str) -> Path:
     """
     import fcntl
 
+    if name == "tiny-shapes":  # pretrained, shipped in the repository (see tiny_shapes.py)
+        from .tiny_shapes import model_dir
+
+        return model_dir()
     arch = TINY_MODELS[name][0]
     path = studio_home() / "models" / name
     if (path / "model_index.json").exists():
@@ -574,18 +578,24 @@ def default_resolution(unet, vae) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def unet_lora_config(rank: int, alpha: float):
+def unet_lora_config(rank: int, alpha: float, use_dora: bool = False):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=UNET_LORA_TARGETS,
+        use_dora=use_dora,
     )
 
 
-def text_encoder_lora_config(rank: int, alpha: float, *, num_layers: int | None = None):
-    """LoRA for a CLIP text encoder's attention; with `num_layers`, only on its first `num_layers`
-    encoder layers (SDXL reads the first encoder's penultimate hidden state, so a LoRA on its last
-    layer would never get a gradient: dead weights, and under DDP an unfinished gradient reduction)."""
+def text_encoder_lora_config(
+    rank: int, alpha: float, use_dora: bool = False, *, num_layers: int | None = None
+):
+    """LoRA (or DoRA) for a CLIP text encoder's attention; with `num_layers`, only on its first
+    `num_layers` encoder layers (SDXL reads the first encoder's penultimate hidden state, so a LoRA on
+    its last layer would never get a gradient: dead weights, and under DDP an unfinished reduction)."""
     from peft import LoraConfig
 
     layers = dict(layers_to_transform=list(range(num_layers)), layers_pattern="layers") if num_layers else {}
@@ -594,31 +604,40 @@ def text_encoder_lora_config(rank: int, alpha: float, *, num_layers: int | None 
         lora_alpha=alpha,
         init_lora_weights="gaussian",
         target_modules=TEXT_ENCODER_LORA_TARGETS,
+        use_dora=use_dora,
         **layers,
     )
 
 
 def add_lora(
-    unet, text_encoder, *, rank: int, alpha: float, train_text_encoder: bool, text_encoder_2=None
+    unet,
+    text_encoder,
+    *,
+    rank: int,
+    alpha: float,
+    train_text_encoder: bool,
+    text_encoder_2=None,
+    use_dora: bool = False,
 ) -> None:
     """Freeze the base weights and attach LoRA adapters (peft) that are the only trainable params.
 
     With `train_text_encoder`, each text encoder (both of SDXL's) gets its own LoRA, on the layers
     whose output the UNet's conditioning uses: SDXL conditions on both encoders' penultimate hidden
     states (plus the second one's pooled output, which runs through its last layer), so the first
-    encoder's last layer gets none.
+    encoder's last layer gets none. With `use_dora`, DoRA (each layer's weight magnitude trained
+    apart from its LoRA-updated direction).
     """
     encoders = [te for te in (text_encoder, text_encoder_2) if te is not None]
     unet.requires_grad_(False)
     for te in encoders:
         te.requires_grad_(False)
-    unet.add_adapter(unet_lora_config(rank, alpha))
+    unet.add_adapter(unet_lora_config(rank, alpha, use_dora))
     if train_text_encoder:
         sdxl = text_encoder_2 is not None
         first_layers = text_encoder.config.num_hidden_layers - 1 if sdxl else None
-        text_encoder.add_adapter(text_encoder_lora_config(rank, alpha, num_layers=first_layers))
+        text_encoder.add_adapter(text_encoder_lora_config(rank, alpha, use_dora, num_layers=first_layers))
         if sdxl:
-            text_encoder_2.add_adapter(text_encoder_lora_config(rank, alpha))
+            text_encoder_2.add_adapter(text_encoder_lora_config(rank, alpha, use_dora))
 
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:

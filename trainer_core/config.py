@@ -23,13 +23,21 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+OPTIMIZERS = ("adamw", "prodigy")
 SUBJECT_TYPES = ("person", "pet", "object", "style")
 # The built-in offline base models (built on first use, no download): id -> (architecture, label).
 TINY_MODELS: dict[str, tuple[str, str]] = {
     "tiny-sd15": ("sd15", "tiny-sd15 (offline test model, produces noise)"),
     "tiny-sdxl": ("sdxl", "tiny-sdxl (offline test model, produces noise)"),
+    # pretrained on simple coloured shapes, shipped in the repository once its weights are built
+    "tiny-shapes": (
+        "sd15",
+        "tiny-shapes (offline, knows simple coloured shapes: learns a subject in minutes)",
+    ),
 }
 MAX_LEARNING_RATE = 1.0
+EVAL_MODELS = ("auto", "tiny", "none")
+BEST_METRICS = ("dino", "clip_i")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -78,6 +86,11 @@ class TrainConfig:
     train_text_encoder: bool = _f(
         False, "Also train a LoRA on the text encoder's attention (both encoders for SDXL)."
     )
+    use_dora: bool = _f(
+        False,
+        "DoRA: train each layer's weight magnitude apart from its LoRA-updated direction (peft); "
+        "closer to full fine-tuning at the same rank, slower per step.",
+    )
     # data
     resolution: int | None = _f(
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
@@ -94,16 +107,46 @@ class TrainConfig:
         "Weight each photo's loss by its subject mask (photo.mask.png beside it, white = subject, "
         "written by prep --masks); a photo without a mask counts whole. Class images are never masked.",
     )
+    caption_dropout: float = _f(
+        0.0,
+        "Probability of training a photo with an empty caption (kohya's caption_dropout_rate, e.g. 0.1): "
+        "less of the subject is tied to the prompt's other words.",
+    )
     # optimisation
     max_train_steps: int = _f(400, "Optimizer steps to train.")
     train_batch_size: int = _f(1, "Instance images per step (as many class images are added).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    learning_rate: float = _f(1e-4, "Peak learning rate.")
+    learning_rate: float = _f(
+        1e-4, "Peak learning rate of the UNet's LoRA (Prodigy: a multiplier of its own step size, 1.0)."
+    )
+    text_encoder_lr: float = _f(
+        5e-6,
+        "Learning rate of the text encoders' LoRA (with train_text_encoder; diffusers' SDXL default; "
+        "Prodigy uses learning_rate for every part).",
+    )
+    optimizer: str = _f(
+        "adamw",
+        f"Optimizer: {', '.join(OPTIMIZERS)} (adaptive step size: set learning_rate to 1.0; "
+        "its authors' LoRA settings are the prodigy_* defaults).",
+    )
+    prodigy_d_coef: float = _f(
+        1.0, "Prodigy's d_coef: scales the step size it estimates (0.5 halves it; its preferred knob)."
+    )
+    prodigy_safeguard_warmup: bool = _f(
+        True,
+        "Prodigy's safeguard_warmup: keeps its estimate stable during lr warm-up (its authors' setting).",
+    )
+    prodigy_use_bias_correction: bool = _f(
+        True, "Prodigy's Adam-style bias correction (its authors' setting for diffusion models)."
+    )
     lr_scheduler: str = _f("constant", f"Learning-rate schedule: {', '.join(LR_SCHEDULERS)}.")
     lr_warmup_steps: int = _f(0, "Warm-up steps of the learning-rate schedule.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet's LoRA (AdamW and Prodigy).")
+    text_encoder_weight_decay: float = _f(
+        1e-3, "Weight decay of the text encoders' LoRA (diffusers' SDXL default)."
+    )
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     use_8bit_adam: bool = _f(False, "8-bit AdamW from bitsandbytes (needs CUDA and bitsandbytes).")
@@ -131,6 +174,29 @@ class TrainConfig:
     validation_steps: int = _f(0, "Make validation images every N steps (0: only at the end).")
     num_validation_images: int = _f(1, "Validation images per prompt (0: none at all).")
     validation_inference_steps: int = _f(25, "Sampler steps for validation images.")
+    # scores of validation rounds (trainer_core/evaluate.py)
+    eval_models: str = _f(
+        "auto",
+        "Score each validation round (subject fidelity DINO / CLIP-I, prompt fidelity CLIP-T, prior "
+        "preservation PRES) into scores.jsonl: auto (the real CLIP and DINO models when cached or "
+        "downloadable, else off with the reason), tiny (tiny random models, offline, for tests) or none.",
+    )
+    num_eval_prompts: int = _f(
+        4, "Scene prompts per scored round ('a sks dog in the jungle', ...), one image each, fixed seeds."
+    )
+    num_eval_class_images: int = _f(
+        2, "Class-prompt images per scored round, for PRES (how much the class drifted towards the subject)."
+    )
+    best_metric: str = _f(
+        "dino", "Subject fidelity the best checkpoint maximises: dino (the paper's choice) or clip_i."
+    )
+    best_clip_t_tolerance: float = _f(
+        0.1,
+        "Best checkpoint: a candidate's CLIP-T may fall at most this fraction below the earliest round's.",
+    )
+    best_pres_tolerance: float = _f(
+        0.1, "Best checkpoint: a candidate's PRES may rise at most this fraction above the earliest round's."
+    )
     # checkpoints
     checkpointing_steps: int = _f(
         100, "Save a resumable checkpoint every N steps and at the end (0: only at the end and on a stop)."
@@ -168,6 +234,7 @@ class TrainConfig:
             "class_generation_batch_size",
             "logging_steps",
             "validation_inference_steps",
+            "num_eval_prompts",
         )
         for name in _positive_ints:
             value = getattr(self, name)
@@ -179,6 +246,7 @@ class TrainConfig:
             "checkpointing_steps",
             "seed",
             "num_validation_images",
+            "num_eval_class_images",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -187,16 +255,39 @@ class TrainConfig:
             raise bad("checkpoints_total_limit", "must be >= 1 or unset")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", f"must be a positive number, got {self.alpha}")
+        if not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
+            raise bad("text_encoder_lr", f"must be a positive number, got {self.text_encoder_lr}")
+        for name in ("adam_weight_decay", "text_encoder_weight_decay"):
+            value = getattr(self, name)
+            if not (0 <= value < 1):
+                raise bad(name, f"must be in [0, 1), got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "prodigy":
+            if self.use_8bit_adam or self.fused_adam:
+                raise bad(
+                    "optimizer", "prodigy cannot be combined with use_8bit_adam or fused_adam (AdamW options)"
+                )
+            if not 0.1 <= self.learning_rate <= 10:
+                raise bad(
+                    "learning_rate",
+                    f"Prodigy finds its own step size and takes learning_rate as a multiplier: use 1.0, "
+                    f"got {self.learning_rate}",
+                )
         # AdamW on a LoRA trains at 1e-5 to 1e-3; anything above 1 only ends in NaN mid-run.
-        if not (0 < self.learning_rate <= MAX_LEARNING_RATE):
+        elif not (0 < self.learning_rate <= MAX_LEARNING_RATE):
             raise bad(
                 "learning_rate",
                 f"must be a number above 0 and at most 1 (1e-4 is usual), got {self.learning_rate}",
             )
+        if not (self.prodigy_d_coef > 0 and math.isfinite(self.prodigy_d_coef)):
+            raise bad("prodigy_d_coef", f"must be a positive number, got {self.prodigy_d_coef}")
         if not (self.prior_loss_weight >= 0 and math.isfinite(self.prior_loss_weight)):
             raise bad("prior_loss_weight", f"must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise bad("snr_gamma", f"must be > 0 or unset, got {self.snr_gamma}")
+        if not 0 <= self.caption_dropout < 1:
+            raise bad("caption_dropout", f"must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.noise_offset < 1:
             raise bad("noise_offset", f"must be in [0, 1), got {self.noise_offset}")
         if self.max_grad_norm < 0:
@@ -209,6 +300,14 @@ class TrainConfig:
             raise bad("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
         if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise bad("prediction_type", f"must be one of {', '.join(PREDICTION_TYPES)}")
+        if self.eval_models not in EVAL_MODELS:
+            raise bad("eval_models", f"must be one of {', '.join(EVAL_MODELS)}, got {self.eval_models!r}")
+        if self.best_metric not in BEST_METRICS:
+            raise bad("best_metric", f"must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        for name in ("best_clip_t_tolerance", "best_pres_tolerance"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and 0 <= value <= 1):
+                raise bad(name, f"must be a fraction between 0 and 1, got {value!r}")
         from .tracking import parse_report_to
 
         parse_report_to(self.report_to)  # raises ValueError("report_to: ...")
@@ -344,3 +443,33 @@ def preset_config(
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def quick_try_config(instance_dir: str, output_dir: str, **overrides: Any) -> TrainConfig:
+    """The "Quick try" and `make demo-shapes` run: the built-in tiny-shapes model learns the demo subject
+    (examples/make_subject_photos.py: a red circle with white polka dots) as "sks circle", with
+    prior preservation on "a photo of a circle", in a minute or two on a CPU."""
+    values: dict[str, Any] = dict(
+        base_model="tiny-shapes",
+        instance_dir=instance_dir,
+        output_dir=output_dir,
+        instance_prompt="a photo of sks circle",
+        token="sks",
+        class_prompt="a photo of a circle",
+        with_prior_preservation=True,
+        num_class_images=QUICK_TRY["num_class_images"],
+        class_generation_steps=QUICK_TRY["sampler_steps"],
+        validation_inference_steps=QUICK_TRY["sampler_steps"],
+        rank=QUICK_TRY["rank"],
+        learning_rate=QUICK_TRY["learning_rate"],
+        max_train_steps=QUICK_TRY["max_train_steps"],
+        checkpointing_steps=0,
+        num_validation_images=2,
+        report_to="none",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# The quick try's numbers, also the flags of `make demo-shapes` (tested to agree).
+QUICK_TRY = dict(num_class_images=16, sampler_steps=20, rank=8, learning_rate=1e-3, max_train_steps=150)

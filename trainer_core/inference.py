@@ -289,6 +289,7 @@ def _checkpoint_as_lora_file(pipe, checkpoint: Path, out: Path) -> None:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
+    from .adapters import text_encoder_dora_keys
     from .checkpoints import read_state, split_components
 
     state = read_state(checkpoint) or {}
@@ -299,8 +300,10 @@ def _checkpoint_as_lora_file(pipe, checkpoint: Path, out: Path) -> None:
     for component, part in parts.items():
         modules = sorted({k.rpartition(".lora_")[0] for k in part})
         r = rank or int(next(v for k, v in part.items() if k.endswith("lora_A.weight")).shape[0])
-        config = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=modules)
-        kwargs[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(part)
+        dora = any(k.endswith(".lora_magnitude_vector") for k in part)
+        config = LoraConfig(r=r, lora_alpha=alpha or r, target_modules=modules, use_dora=dora)
+        layers = convert_state_dict_to_diffusers(part)
+        kwargs[f"{component}_lora_layers"] = layers if component == "unet" else text_encoder_dora_keys(layers)
         kwargs[f"{component}_lora_adapter_metadata"] = config.to_dict()
     try:
         type(pipe).save_lora_weights(out, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints, runs, tracking
+from . import adapters, checkpoints, evaluate, runs, tracking
 from .buckets import batches_per_epoch, make_buckets, nearest_bucket, plan_epoch
 from .class_images import class_cache_dir, class_image_dtype, decode_latents, generate_class_images
 from .components import (
@@ -74,6 +74,7 @@ from .events import (
     no_emit,
 )
 from .fileio import append_jsonl, atomic_write_json
+from .optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,7 @@ class _Cache:
     # distributions and (SDXL) size ids, fitted to that bucket
     instance_buckets: list[tuple[int, int]] | None = None
     class_by_bucket: dict[tuple[int, int], tuple[list, list]] | None = None
+    dropout_prompt_id: int | None = None  # the empty caption, with caption_dropout
 
 
 def write_status(path: Path, status: str, step: int, total: int, message: str = "", **extra: Any) -> None:
@@ -451,6 +453,7 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         alpha=config.lora_alpha,
         train_text_encoder=config.train_text_encoder,
         text_encoder_2=models.text_encoder_2,
+        use_dora=config.use_dora,
     )
     trained = [models.unet, *(models.text_encoders if config.train_text_encoder else [])]
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
@@ -469,7 +472,7 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         models.unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
-    optimizer = _make_optimizer(config, params)
+    optimizer = make_optimizer(config, lora_parameters(models.unet), lora_parameters(*trained[1:]))
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -498,7 +501,13 @@ def restore(
     checkpoints.load_lora_state(models.lora_models(config.train_text_encoder), ckpt.lora)
     optimizer, lr_scheduler = trainer.optimizer, trainer.lr_scheduler
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt.optimizer)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError) as e:  # other parameter groups (made by an older version)
+        raise TrainingError(
+            f"Cannot resume from {ckpt.path.name}: its optimizer state does not fit this run's "
+            "parameter groups (it was made by an older version or other settings); start a new run."
+        ) from e
     lr_scheduler.load_state_dict(ckpt.scheduler)
     for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
         group.update(hyper)
@@ -836,6 +845,17 @@ def validate(config, accelerator, paths: RunPaths, models: Models, step: int, re
             image.save(target)
             saved.append(str(target))
             images.setdefault(f"{label}_token", []).append(image)
+    # Scores of this round (off unless eval_models finds its models); own generators, forked RNG.
+    scores = evaluate.score_round(
+        config,
+        step,
+        pipe,
+        paths.root,
+        resolution=resolution,
+        emit=emit,
+        autocast=accelerator.autocast if half else None,
+    )
+    tracking.log_scores(accelerator, scores)
     models.vae.to("cpu")
     models.unet.train()
     for te, te_device in zip(models.text_encoders, te_devices, strict=True):
@@ -1001,7 +1021,11 @@ def _build_cache(
         )
         class_by_size[target] = (dists, time_ids)
     klass, class_time_ids = class_by_size.get(square, ([], []))
-    prompts = sorted({e.prompt for e in examples} | ({config.class_prompt} if class_paths else set()))
+    prompts = sorted(
+        {e.prompt for e in examples}
+        | ({config.class_prompt} if class_paths else set())
+        | ({""} if config.caption_dropout > 0 else set())
+    )
     input_ids = [
         tok(
             prompts,
@@ -1035,6 +1059,7 @@ def _build_cache(
         instance_masks=instance_masks if config.masked_loss else None,
         instance_buckets=instance_targets if config.bucketing else None,
         class_by_bucket=class_by_size if config.bucketing else None,
+        dropout_prompt_id=prompts.index("") if config.caption_dropout > 0 else None,
     )
 
 
@@ -1118,7 +1143,15 @@ def _bucketed_batch(item_buckets: list, slots: list[int], seed: int) -> tuple[in
     batch_size = len(slots)
     number = slots[0] // batch_size
     epoch, position = divmod(number, batches_per_epoch(tuple(item_buckets), batch_size))
-    return plan_epoch(tuple(item_buckets), batch_size, _mix(seed, 3, epoch))[position]
+    return plan_epoch(tuple(item_buckets), batch_size, _mix(seed, 4, epoch))[position]
+
+
+def caption_dropped(slot: int, seed: int, probability: float) -> bool:
+    """Whether the instance sample in this slot trains with the empty caption (seeded coin)."""
+    if probability <= 0:
+        return False
+    coin = torch.rand(1, generator=torch.Generator().manual_seed(_mix(seed, 3, slot)))
+    return bool(coin.item() < probability)
 
 
 def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dtype, text_encoders):
@@ -1147,7 +1180,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             mean, std = params[0], params[1]
             sample = mean + std * torch.randn(mean.shape, generator=gen)
             latents.append(sample * cache.scaling_factor)
-            prompt_ids.append(ids[index] if ids is not None else cache.class_prompt_id)
+            if ids is None:
+                prompt_ids.append(cache.class_prompt_id)
+            elif caption_dropped(slot, config.seed, config.caption_dropout):
+                prompt_ids.append(cache.dropout_prompt_id)
+            else:
+                prompt_ids.append(ids[index])
             if sizes is not None:
                 time_ids.append(sizes[index][variant])
             if salt == 1 and cache.instance_masks is not None:
@@ -1171,24 +1209,6 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
         "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
     }
     return latents_t, prompt_embeds, added_cond, mask_t
-
-
-def _make_optimizer(config: TrainConfig, params):
-    kwargs = dict(
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.use_8bit_adam:
-        if not torch.cuda.is_available():
-            raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if config.fused_adam else {}))
 
 
 def _enable_xformers(unet) -> None:

@@ -31,6 +31,14 @@ def check_base_model(base_model: str) -> str:
     name = (base_model or "").strip()
     if not name:
         return "Choose a base model."
+    if name == "tiny-shapes":
+        from .tiny_shapes import model_dir
+
+        try:
+            model_dir()
+        except TrainingError as e:
+            return str(e)
+        return "tiny-shapes is a tiny model pretrained on simple coloured shapes: it learns a subject offline in minutes."
     if name in TINY_MODELS:
         return f"{name} is a tiny random model built offline in seconds: it produces noise and is for trying the app."
     try:
@@ -77,8 +85,8 @@ def _unet_config(base_model: str) -> dict | None:
 def guess_architecture(base_model: str) -> str | None:
     """ "sd15", "sdxl" or None, from the name or the UNet config on disk (cache included)."""
     name = (base_model or "").strip()
-    if name.startswith("tiny-"):
-        return name.removeprefix("tiny-")
+    if name in TINY_MODELS:
+        return TINY_MODELS[name][0]
     config = _unet_config(name)
     if config is not None:
         # SDXL's UNet takes pooled text embeddings and time ids ("text_time"); SD 1.5's does not.

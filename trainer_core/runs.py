@@ -29,6 +29,7 @@ SUMMARY_FILE = "summary.json"
 LOSS_CHART_FILE = "loss.png"
 SMOOTHING = 0.6  # TensorBoard's default smoothing weight
 # (label, metrics.jsonl key, matplotlib colour) of the loss curves, drawn in this order.
+SCORE_KEYS = ("dino", "clip_i", "clip_t", "pres")  # scores.jsonl (trainer_core/evaluate.py)
 LOSS_SERIES = (("total", "loss", "C0"), ("instance", "instance_loss", "C1"), ("prior", "prior_loss", "C2"))
 
 
@@ -144,7 +145,30 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """metrics.jsonl rows in step order. A step logged twice (resumed from a checkpoint older than
     the last logged step, after a crash) appears once, with the later value; a torn last line (a
     crash mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    return _read_rows_by_step(Path(run_dir) / "metrics.jsonl")
+
+
+def read_scores(run_dir: str | Path) -> list[dict[str, Any]]:
+    """scores.jsonl rows in step order (one per scored step, the later one when a step was scored
+    twice): {step, dino, clip_i, clip_t, pres, their counts dino_n ..., source, eval_models, seconds}.
+    Empty when the run was not scored. The best of them: `evaluate.best_checkpoint_for_run`."""
+    return _read_rows_by_step(Path(run_dir) / "scores.jsonl")
+
+
+def scores_table(run_dirs: Iterable[str | Path], key: str = "dino") -> list[dict[str, Any]]:
+    """Long-format rows {run, step, value} of one score (dino, clip_i, clip_t or pres) for several
+    runs: one table to compare them in a line plot coloured by run."""
+    if key not in SCORE_KEYS:
+        raise ValueError(f"key: must be one of {', '.join(SCORE_KEYS)}, got {key!r}")
+    return [
+        {"run": Path(d).name, "step": r["step"], "value": r[key]}
+        for d in run_dirs
+        for r in read_scores(d)
+        if isinstance(r.get(key), int | float)
+    ]
+
+
+def _read_rows_by_step(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     by_step: dict[int, dict[str, Any]] = {}

@@ -188,3 +188,11 @@ def log_samples(accelerator, step: int, images: dict[str, list]) -> None:
             elif tracker.name == "comet_ml":
                 for i, im in enumerate(pil_images):
                     tracker.tracker.log_image(im, name=f"{tag}-{i}", step=step)
+
+
+def log_scores(accelerator, row: dict[str, Any] | None) -> None:
+    """One scores.jsonl row to the trackers, as eval/dino, eval/clip_i, eval/clip_t, eval/pres scalars."""
+    if row is None or not accelerator.trackers:
+        return
+    values = {f"eval/{k}": row[k] for k in ("dino", "clip_i", "clip_t", "pres") if row.get(k) is not None}
+    accelerator.log(values, step=row["step"])

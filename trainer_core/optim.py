@@ -1,0 +1,85 @@
+"""The optimizer over the LoRA weights: AdamW (torch's, fused, or bitsandbytes' 8-bit) or Prodigy.
+
+The UNet's and the text encoders' LoRA weights are separate parameter groups, each with its own
+learning rate and weight decay (as diffusers' SDXL script and kohya's --unet_lr/--text_encoder_lr
+do): text encoders overfit at the UNet's rate. A learning-rate schedule scales every group alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import torch
+
+from .config import TrainConfig
+from .events import TrainingError
+
+
+def param_groups(
+    config: TrainConfig,
+    unet_params: Sequence[torch.nn.Parameter],
+    text_encoder_params: Sequence[torch.nn.Parameter],
+) -> list[dict]:
+    """One group per component that has trainable weights: "unet" and "text_encoder" (all of SDXL's
+    text encoders share one), with their learning rate and weight decay."""
+    text_encoder_lr = config.text_encoder_lr
+    if config.optimizer == "prodigy":
+        # Prodigy estimates one step size and multiplies it by each group's lr; its authors (and
+        # diffusers' scripts) keep lr = 1.0 for every group.
+        text_encoder_lr = config.learning_rate
+    groups = [
+        {
+            "name": "unet",
+            "params": list(unet_params),
+            "lr": config.learning_rate,
+            "weight_decay": config.adam_weight_decay,
+        },
+        {
+            "name": "text_encoder",
+            "params": list(text_encoder_params),
+            "lr": text_encoder_lr,
+            "weight_decay": config.text_encoder_weight_decay,
+        },
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(
+    config: TrainConfig,
+    unet_params: Sequence[torch.nn.Parameter],
+    text_encoder_params: Sequence[torch.nn.Parameter] = (),
+) -> torch.optim.Optimizer:
+    """The configured optimizer over the UNet's and the text encoders' LoRA weights."""
+    groups = param_groups(config, unet_params, text_encoder_params)
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Its authors' settings for fine-tuning diffusion models: bias correction on, and the
+        # warm-up safeguard so the step-size estimate does not run away while the lr is small.
+        # (Prodigy prints a line on construction; the engine never writes to stdout.)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Prodigy(
+                groups,
+                lr=config.learning_rate,
+                betas=betas,
+                eps=config.adam_epsilon,
+                weight_decay=config.adam_weight_decay,
+                d_coef=config.prodigy_d_coef,
+                use_bias_correction=config.prodigy_use_bias_correction,
+                safeguard_warmup=config.prodigy_safeguard_warmup,
+            )
+    kwargs = dict(
+        lr=config.learning_rate, betas=betas, weight_decay=config.adam_weight_decay, eps=config.adam_epsilon
+    )
+    if config.use_8bit_adam:
+        if not torch.cuda.is_available():
+            raise TrainingError("8-bit Adam needs a CUDA GPU; turn it off on this machine.")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainingError("8-bit Adam needs the bitsandbytes package: pip install bitsandbytes.") from e
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if config.fused_adam else {}))

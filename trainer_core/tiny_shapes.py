@@ -1,0 +1,231 @@
+"""The tiny-shapes world: the pictures the built-in `tiny-shapes` model was pretrained on, a reader
+that tells their colour and shape back, and where the shipped model lives.
+
+`tiny-shapes` is an SD 1.5-architecture model (CLIP text encoder, KL VAE, cross-attention UNet,
+the SD 1.5 noise schedule) at toy widths, pretrained by `scripts/pretrain_tiny_shapes.py` on 64 px
+pictures of a circle, square, triangle or star in red, green, blue, yellow or black on a light
+background, captioned "a photo of a {colour} {shape}" or "a photo of a {shape}". It knows those
+classes, so DreamBooth can visibly teach it a new subject (`draw_subject`: a red circle with white
+polka dots) offline in a minute.
+
+Only numpy, scipy and Pillow here: the drawing and the reader are used by the pretraining script,
+the demo photos, the tests and the docs' accuracy numbers alike.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MODEL_ID = "tiny-shapes"
+MODEL_DIR = Path(__file__).parent / "models" / MODEL_ID
+RESOLUTION = 64
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 150, 55),
+    "blue": (40, 70, 205),
+    "yellow": (235, 195, 25),
+    "black": (25, 25, 25),
+}
+# The subject `draw_subject` draws and the prompts the demo and the tests use.
+SUBJECT_PROMPT = "a photo of sks circle"
+CLASS_PROMPT = "a photo of a circle"
+
+# Sampler settings that suit the model (the app's defaults, 25 steps at guidance 7.5, work too).
+SAMPLING = dict(steps=20, guidance=4.0, scheduler="dpm++")
+
+_SUPERSAMPLE = 4  # drawn at 4x and reduced: anti-aliased edges, as in a photo
+
+
+def weights_present() -> bool:
+    return (MODEL_DIR / "model_index.json").exists()
+
+
+def model_dir() -> Path:
+    """The shipped model's folder; a one-sentence TrainingError when its weights are missing."""
+    if not (MODEL_DIR / "model_index.json").exists():
+        from .events import TrainingError
+
+        raise TrainingError(
+            f"The tiny-shapes weights are not in {MODEL_DIR}; build them with make pretrain-shapes "
+            "(scripts/pretrain_tiny_shapes.py)."
+        )
+    return MODEL_DIR
+
+
+def caption(shape: str, colour: str | None) -> str:
+    return f"a photo of a {colour} {shape}" if colour else f"a photo of a {shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: tuple[int, int, int]
+    background: tuple[int, int, int]
+    cx: float  # centre and radius, in pixels of the 64 px picture
+    cy: float
+    radius: float
+    dots: bool = False  # white polka dots inside (the demo subject)
+
+
+def random_scene(rnd: random.Random, shape: str, colour: tuple[int, int, int], dots: bool = False) -> Scene:
+    """Varied size and position, the whole shape inside the picture; a light, slightly tinted background."""
+    radius = rnd.uniform(11, 24)
+    margin = radius + 2
+    return Scene(
+        shape=shape,
+        colour=colour,
+        background=tuple(rnd.randint(220, 250) for _ in range(3)),
+        cx=rnd.uniform(margin, RESOLUTION - margin),
+        cy=rnd.uniform(margin, RESOLUTION - margin),
+        radius=radius,
+        dots=dots,
+    )
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        h = r * 0.85  # a square of the same visual weight as a circle of radius r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
+    if shape == "star":
+        points = []
+        for i in range(10):
+            a = -math.pi / 2 + i * math.pi / 5
+            rr = r if i % 2 == 0 else r * 0.42
+            points.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return points
+    return None  # circle
+
+
+def draw_scene(scene: Scene) -> Image.Image:
+    s = _SUPERSAMPLE
+    image = Image.new("RGB", (RESOLUTION * s, RESOLUTION * s), scene.background)
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = scene.cx * s, scene.cy * s, scene.radius * s
+    outline = _outline(scene.shape, cx, cy, r)
+    if outline is None:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=scene.colour)
+    else:
+        draw.polygon(outline, fill=scene.colour)
+    if scene.dots:
+        # A fixed pattern of dots inside the circle: the thing that makes this circle "sks".
+        d = r * 0.17
+        for fx, fy in ((0, 0), (-0.5, -0.3), (0.5, -0.3), (-0.3, 0.5), (0.3, 0.5), (0, -0.62)):
+            x, y = cx + fx * r, cy + fy * r
+            draw.ellipse((x - d, y - d, x + d, y + d), fill=(250, 250, 250))
+    return image.resize((RESOLUTION, RESOLUTION), Image.Resampling.LANCZOS)
+
+
+def draw_example(index: int, seed: int = 0) -> tuple[Image.Image, str, str, str]:
+    """Training picture `index` of the pretraining set: (image, shape, colour name, caption).
+
+    Captions name the colour half of the time, so "a photo of a circle" means a circle of any colour.
+    """
+    rnd = random.Random(seed * 1_000_003 + index)
+    shape = rnd.choice(SHAPES)
+    colour = rnd.choice(list(COLOURS))
+    image = draw_scene(random_scene(rnd, shape, COLOURS[colour]))
+    return image, shape, colour, caption(shape, colour if rnd.random() < 0.5 else None)
+
+
+def draw_subject(index: int) -> Image.Image:
+    """Photo `index` of the demo subject: one particular red circle with white polka dots."""
+    rnd = random.Random(10_000 + index)
+    return draw_scene(random_scene(rnd, "circle", COLOURS["red"], dots=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading pictures back: a colour and shape classifier
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reading:
+    shape: str | None  # None: no shape found (an empty or noisy picture)
+    colour: str | None
+    fill: float  # share of the shape's bounding box it covers (holes filled)
+
+
+def _pixels(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    return np.asarray(image, dtype=np.float32)
+
+
+def read_image(image) -> Reading:
+    """Colour: the palette colour nearest the mean of the pixels far from the background (the border's
+    median). Shape: the biggest such blob, holes filled, by how much of its bounding box it covers
+    (star ~0.4, triangle 0.5, circle 0.79, square 1.0)."""
+    from scipy import ndimage
+
+    pixels = _pixels(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(pixels - background, axis=-1) > 60
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return Reading(None, None, 0.0)
+    sizes = ndimage.sum(mask, labels, range(1, count + 1))
+    blob = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+    if blob.sum() < 40:
+        return Reading(None, None, 0.0)
+    ys, xs = np.nonzero(blob)
+    fill = float(blob.sum()) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    shape = "star" if fill < 0.465 else "triangle" if fill < 0.645 else "circle" if fill < 0.9 else "square"
+    # Colour from the blob's own pixels, minus any light pattern inside it (the subject's dots).
+    inside = pixels[blob & mask]
+    mean = inside.mean(axis=0)
+    colour = min(COLOURS, key=lambda c: float(np.linalg.norm(mean - np.array(COLOURS[c]))))
+    return Reading(shape, colour, fill)
+
+
+def accuracy(images: Sequence, shapes: Sequence[str | None], colours: Sequence[str | None]) -> dict:
+    """Share of `images` read as the expected shape / colour (None expected: not counted)."""
+    readings = [read_image(im) for im in images]
+    shape_hits = [r.shape == s for r, s in zip(readings, shapes, strict=True) if s is not None]
+    colour_hits = [r.colour == c for r, c in zip(readings, colours, strict=True) if c is not None]
+    return {
+        "shape": sum(shape_hits) / len(shape_hits) if shape_hits else None,
+        "colour": sum(colour_hits) / len(colour_hits) if colour_hits else None,
+        "n": len(readings),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# A subject-likeness statistic for the learning tests and the demo
+# ---------------------------------------------------------------------------------------------
+
+
+def colour_histogram(image, bins: int = 4) -> np.ndarray:
+    """Normalised joint RGB histogram (bins per channel), a picture's colour make-up."""
+    pixels = _pixels(image).reshape(-1, 3)
+    idx = np.clip((pixels * bins / 256).astype(int), 0, bins - 1)
+    flat = idx[:, 0] * bins * bins + idx[:, 1] * bins + idx[:, 2]
+    hist = np.bincount(flat, minlength=bins**3).astype(np.float64)
+    return hist / hist.sum()
+
+
+def histogram_distance(images_a: Sequence, images_b: Sequence) -> float:
+    """L1 distance between the mean colour histograms of two sets of pictures (0 same .. 2 disjoint)."""
+    a = np.mean([colour_histogram(im) for im in images_a], axis=0)
+    b = np.mean([colour_histogram(im) for im in images_b], axis=0)
+    return float(np.abs(a - b).sum())
+
+
+def pixel_distance(images_a: Sequence, images_b: Sequence) -> float:
+    """Mean absolute pixel difference (0..255) of pictures paired one to one (same seeds)."""
+    return float(
+        np.mean([np.abs(_pixels(a) - _pixels(b)).mean() for a, b in zip(images_a, images_b, strict=True)])
+    )
