@@ -58,6 +58,7 @@ CLIENT_FIELDS = frozenset({
     "snr_gamma", "noise_offset", "prediction_type", "mixed_precision", "gradient_checkpointing",
     "enable_xformers", "compile_unet", "seed", "logging_steps", "validation_prompt", "validation_steps",
     "num_validation_images", "validation_inference_steps", "checkpointing_steps", "checkpoints_total_limit",
+    "bucketing", "masked_loss",  # issue 16 (masked_loss needs masks: prep's `masks` option)
     # paths: with logins, resolved inside the user's own folder (relative paths start there)
     "class_data_dir", "resume_from_checkpoint", "pretrained_vae", "single_file_config",
 })  # fmt: skip

@@ -34,7 +34,7 @@ def test_dropped_samples_get_the_empty_caption(tiny_model, photos, class_dir, tm
     examples = load_instance_examples(cfg.instance_dir, cfg.instance_prompt)
     cache = _build_cache(cfg, examples, list_images(class_dir), [tok], [te], parts["vae"], 64, "cpu", no_emit)
     slots = list(range(8))
-    _, prompt_embeds, _ = _make_batch(
+    _, prompt_embeds, _, _ = _make_batch(
         cache, slots, cfg, torch.Generator().manual_seed(0), "cpu", torch.float32, None
     )
 

@@ -372,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in _prep_fields():
         flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})",
+            )
+            continue
         choices = {"crop": ["auto", "face", "center", "none"], "caption": ["blip", "template", "none"]}.get(
             f.name
         )

@@ -96,6 +96,17 @@ class TrainConfig:
         None, "Training resolution in pixels (default: the model's, 512 for SD 1.5, 1024 for SDXL)."
     )
     random_flip: bool = _f(False, "Randomly flip images horizontally (off: faces are not symmetric).")
+    bucketing: bool = _f(
+        False,
+        "Aspect-ratio bucketing: train each photo uncropped (a prepared folder's originals) at the bucket "
+        "of about resolution² pixels nearest its aspect ratio, sides in steps of 64; each batch is one "
+        "bucket, and class images are cropped to the same bucket.",
+    )
+    masked_loss: bool = _f(
+        False,
+        "Weight each photo's loss by its subject mask (photo.mask.png beside it, white = subject, "
+        "written by prep --masks); a photo without a mask counts whole. Class images are never masked.",
+    )
     caption_dropout: float = _f(
         0.0,
         "Probability of training a photo with an empty caption (kohya's caption_dropout_rate, e.g. 0.1): "

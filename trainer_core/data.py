@@ -3,7 +3,8 @@
 Photo preparation (face crop, captioning, dataset checks) lives in the prep stage; this module
 reads a prepared (or plain) folder: every decodable image, EXIF-transposed, converted to RGB,
 resized on its short side and centre-cropped to the training resolution. A `.txt` beside an image
-is its caption and becomes that image's prompt.
+is its caption and becomes that image's prompt; a `.mask.png` beside it (white = subject) is its
+loss mask for `masked_loss`, and is never itself a training photo.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # for JPEGs with a depth or preview frame; HEIF comes from the pillow-heif plugin (iPhone photos) and
 # AVIF from Pillow itself when it was built with libavif.
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO", "HEIF", "AVIF"}
+MASK_SUFFIX = ".mask.png"  # `photo.png` -> `photo.mask.png`: white = subject, black = ignored by the loss
 
 
 def register_image_plugins() -> None:
@@ -57,7 +59,7 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     found = []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() == ".txt":
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() == ".txt" or is_mask(p):
             continue
         try:
             with Image.open(p) as im:
@@ -127,17 +129,109 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
-def image_to_tensor(image: Image.Image, resolution: int, *, flip: bool = False) -> torch.Tensor:
-    """RGB image -> float tensor (3, resolution, resolution) in [-1, 1]: short-side resize, centre crop."""
+def image_to_tensor(
+    image: Image.Image, resolution: int | tuple[int, int], *, flip: bool = False
+) -> torch.Tensor:
+    """RGB image -> float tensor (3, H, W) in [-1, 1]: resized to cover `resolution` (a side, or a
+    (width, height) bucket) and centre-cropped to it."""
     import torch
 
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = ImageOps.mirror(image)
+    image = fit_to_size(image, _size(resolution), flip=flip)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def crop_box_for(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], int, int]:
+    """How an image of `size` (w, h) is fitted to `target` (w, h): the resized size that covers the
+    target (aspect kept), and the centred crop's left and top in that resized image."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
+    new_w, new_h = max(tw, round(w * scale)), max(th, round(h * scale))
+    return (new_w, new_h), (new_w - tw) // 2, (new_h - th) // 2
+
+
+def fit_to_size(image: Image.Image, target: tuple[int, int], *, flip: bool = False) -> Image.Image:
+    """Resize to cover `target` (w, h), centre-crop to it, then mirror when `flip`."""
+    (new_w, new_h), left, top = crop_box_for(image.size, target)
+    resample = Image.Resampling.BICUBIC if image.mode == "RGB" else Image.Resampling.BILINEAR
+    image = image.resize((new_w, new_h), resample)
+    image = image.crop((left, top, left + target[0], top + target[1]))
+    return ImageOps.mirror(image) if flip else image
+
+
+def is_mask(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path(image_path: Path) -> Path:
+    """Where the loss mask of a photo lives: `photo.jpg` -> `photo.mask.png`."""
+    return image_path.with_name(image_path.stem + MASK_SUFFIX)
+
+
+def load_mask(image_path: Path, image_size: tuple[int, int]) -> Image.Image | None:
+    """The photo's mask as greyscale at the photo's size (None when there is no mask file)."""
+    path = mask_path(image_path)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            mask = ImageOps.exif_transpose(im).convert("L")
+    except (UnidentifiedImageError, OSError) as e:
+        raise TrainingError(f"The mask {path.name} cannot be read ({e}); remove it or re-export it.") from e
+    if mask.size != image_size:
+        mask = mask.resize(image_size, Image.Resampling.BILINEAR)
+    return mask
+
+
+def mask_to_tensor(
+    mask: Image.Image | None, image_size: tuple[int, int], target: tuple[int, int], latent_hw, *, flip=False
+) -> torch.Tensor:
+    """A photo's mask as the loss sees it: (1, h, w) in [0, 1] at the latent size, cropped like the
+    photo (`fit_to_size`) and averaged over each latent cell; no mask is all ones."""
+    import torch
+    import torch.nn.functional as F
+
+    if mask is None:
+        return torch.ones((1, *latent_hw))
+    assert mask.size == image_size
+    pixels = np.asarray(fit_to_size(mask, target, flip=flip), dtype=np.float32) / 255.0  # (H, W)
+    return F.interpolate(torch.from_numpy(pixels)[None, None], size=tuple(latent_hw), mode="area")[0]
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) as `load_rgb` sees it (EXIF orientation applied), without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError) as e:
+        raise TrainingError(f"The image {path.name} cannot be read ({e}); remove it or re-export it.") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def uncropped_sources(paths: list[Path]) -> list[Path]:
+    """For aspect-ratio bucketing: each prepared square's uncropped original (prep keeps it under
+    `originals/`, named in report.json); a photo of a plain folder is its own source."""
+    import json
+
+    sources = []
+    for p in paths:
+        report = p.parent / "report.json"
+        original = None
+        if report.is_file():
+            try:
+                accepted = json.loads(report.read_text(encoding="utf-8")).get("accepted", [])
+            except (OSError, ValueError):
+                accepted = []
+            for entry in accepted:
+                if entry.get("output") == p.name and entry.get("original"):
+                    original = p.parent / entry["original"]
+            if original is not None and not original.is_file():
+                log.warning("bucketing: the original of %s is missing; its square is used", p.name)
+                original = None
+        sources.append(original or p)
+    return sources

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import resource
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import adapters, checkpoints, evaluate, runs, tracking
+from .buckets import batches_per_epoch, make_buckets, nearest_bucket, plan_epoch
 from .class_images import class_cache_dir, class_image_dtype, decode_latents, generate_class_images
 from .components import (
     add_lora,
@@ -44,7 +46,18 @@ from .components import (
     resolve_base_model,
 )
 from .config import TrainConfig
-from .data import Example, image_to_tensor, list_images, load_instance_examples, load_rgb
+from .data import (
+    Example,
+    crop_box_for,
+    image_size,
+    image_to_tensor,
+    list_images,
+    load_instance_examples,
+    load_mask,
+    load_rgb,
+    mask_to_tensor,
+    uncropped_sources,
+)
 from .events import (
     CheckpointSaved,
     Emit,
@@ -186,6 +199,12 @@ class _Cache:
     pooled_prompt_embeds: torch.Tensor | None = None  # (num_prompts, projection) when frozen
     instance_time_ids: list[torch.Tensor] | None = None  # each (flips, 6): size, crop, target
     class_time_ids: list[torch.Tensor] | None = None
+    # masked_loss only: each photo's mask at the latent size, (flips, 1, h, w), ones without a mask file
+    instance_masks: list[torch.Tensor] | None = None
+    # bucketing only: each photo's bucket (w, h), and per bucket in use the class images' latent
+    # distributions and (SDXL) size ids, fitted to that bucket
+    instance_buckets: list[tuple[int, int]] | None = None
+    class_by_bucket: dict[tuple[int, int], tuple[list, list]] | None = None
     dropout_prompt_id: int | None = None  # the empty caption, with caption_dropout
 
 
@@ -597,7 +616,7 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
         gen = torch.Generator().manual_seed(_mix(config.seed, micro_index, rank_))
         slots = [(micro_index * world + rank_) * batch + j for j in range(batch)]
         with accelerator.accumulate(*trainer.modules):
-            latents, prompt_embeds, added_cond = _make_batch(
+            latents, prompt_embeds, added_cond, mask = _make_batch(
                 cache,
                 slots,
                 config,
@@ -607,7 +626,8 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
                 trainer.text_encoders if config.train_text_encoder else None,
             )
             # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
-            # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5
+            # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5;
+            # mask: (B, 1, h, w) for the instance half with masked_loss, else None
             noise = torch.randn(latents.shape, generator=gen).to(device)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn(
@@ -631,6 +651,7 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
                 instance_count=batch if config.with_prior_preservation else latents.shape[0],
                 prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
                 weights=weights,
+                mask=mask,
             )
             # A NaN/inf loss is flagged on the device; the run stops at the next host sync, which
             # comes before any checkpoint or adapter is written.
@@ -654,6 +675,7 @@ def compute_loss(
     instance_count: int,
     prior_loss_weight: float,
     weights: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The DreamBooth loss: (total, instance, prior).
 
@@ -661,8 +683,18 @@ def compute_loss(
     order): rows [:instance_count] are the instance half, the rest the class half (none without
     prior preservation). Each sample's MSE over (C, H, W) is weighted by `weights` (min-SNR) when
     given; each half is averaged; total = instance + prior_loss_weight * prior.
+
+    `mask` (instance_count, 1, H, W) in [0, 1] weights each instance sample's per-pixel error (the
+    class half is never masked) and is normalised by its own sum, so a small subject weighs as much
+    as a large one; a masked-out cell gets exactly zero gradient, an all-zero mask zero loss.
     """
-    per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(noise_pred.float(), target.float(), reduction="none")  # (N, C, H, W)
+    per_sample = error.mean(dim=(1, 2, 3))
+    if mask is not None:
+        weight = mask.float().expand(-1, error.shape[1], -1, -1)  # (instance_count, C, H, W)
+        masked = (error[:instance_count] * weight).sum(dim=(1, 2, 3))
+        masked = masked / weight.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+        per_sample = torch.cat([masked, per_sample[instance_count:]])
     if weights is not None:
         per_sample = per_sample * weights
     instance_loss = per_sample[:instance_count].mean()
@@ -959,35 +991,36 @@ def _build_cache(
     emit,
 ) -> _Cache:
     """VAE latent distributions of every image (and flip), the prompts' token ids and, with frozen
-    text encoders, their embeddings; for SDXL also each image's size conditioning."""
-    emit(StageStarted("cache", "encoding photos and prompts once", total=len(examples) + len(class_paths)))
+    text encoders, their embeddings; for SDXL also each image's size conditioning.
+
+    With bucketing each photo (its uncropped original when the folder was prepared) is encoded at
+    its own bucket, and the class images once per bucket in use, so a batch pairs like with like.
+    """
+    square = (resolution, resolution)
+    instance_paths = [e.path for e in examples]
+    if config.bucketing:
+        instance_paths = uncropped_sources(instance_paths)
+        instance_targets = [nearest_bucket(image_size(p), make_buckets(resolution)) for p in instance_paths]
+        class_targets = sorted(set(instance_targets)) if class_paths else []
+    else:
+        instance_targets, class_targets = [square] * len(examples), [square] if class_paths else []
+    total = len(examples) + len(class_paths) * len(class_targets)
+    emit(StageStarted("cache", "encoding photos and prompts once", total=total))
     vae.to(device)
-    vae_dtype = next(vae.parameters()).dtype
-    flips = (False, True) if config.random_flip else (False,)
     sdxl = len(text_encoders) > 1
+    encode = functools.partial(_encode_images, config, vae, device, sdxl, emit=emit, total=total)
 
-    def encode(paths: list[Path], done_before: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        dists, time_ids = [], []
-        for i, p in enumerate(paths):
-            image = load_rgb(p)
-            pixels = torch.stack([image_to_tensor(image, resolution, flip=f) for f in flips])
-            dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
-            latent_params = torch.stack([dist.mean, dist.std], dim=1).float().cpu()  # (flips, 2, 4, h, w)
-            if not torch.isfinite(latent_params).all():
-                fix = (
-                    "use --pretrained-vae with an fp16-fix VAE or keep the VAE in fp32"
-                    if vae_dtype != torch.float32
-                    else "re-export the image, or try another VAE with --pretrained-vae"
-                )
-                raise TrainingError(f"The VAE produced NaN or infinite latents for {p.name}; {fix}.")
-            dists.append(latent_params)
-            if sdxl:
-                time_ids.append(torch.tensor([sdxl_time_ids(image.size, resolution, f) for f in flips]))
-            emit(Progress("cache", done_before + i + 1, len(examples) + len(class_paths)))
-        return dists, time_ids
-
-    instance, instance_time_ids = encode([e.path for e in examples], 0)
-    klass, class_time_ids = encode(class_paths, len(examples))
+    # The class half is never masked (it keeps the model's idea of the whole class image).
+    instance, instance_time_ids, instance_masks = encode(
+        instance_paths, instance_targets, 0, masked=config.masked_loss
+    )
+    class_by_size = {}
+    for k, target in enumerate(class_targets):
+        dists, time_ids, _ = encode(
+            class_paths, [target] * len(class_paths), len(examples) + k * len(class_paths)
+        )
+        class_by_size[target] = (dists, time_ids)
+    klass, class_time_ids = class_by_size.get(square, ([], []))
     prompts = sorted(
         {e.prompt for e in examples}
         | ({config.class_prompt} if class_paths else set())
@@ -1023,8 +1056,45 @@ def _build_cache(
         pooled_prompt_embeds=pooled,
         instance_time_ids=instance_time_ids if sdxl else None,
         class_time_ids=class_time_ids if sdxl else None,
+        instance_masks=instance_masks if config.masked_loss else None,
+        instance_buckets=instance_targets if config.bucketing else None,
+        class_by_bucket=class_by_size if config.bucketing else None,
         dropout_prompt_id=prompts.index("") if config.caption_dropout > 0 else None,
     )
+
+
+def _encode_images(
+    config, vae, device, sdxl: bool, paths, targets, done_before: int, *, masked=False, emit, total
+):
+    """Latent distributions (flips, 2, 4, h, w) of each image fitted to its target (w, h); with
+    `masked` its mask at the latent size (flips, 1, h, w); for SDXL its size ids (flips, 6)."""
+    vae_dtype = next(vae.parameters()).dtype
+    flips = (False, True) if config.random_flip else (False,)
+    dists, time_ids, masks = [], [], []
+    for i, (p, target) in enumerate(zip(paths, targets, strict=True)):
+        image = load_rgb(p)
+        pixels = torch.stack([image_to_tensor(image, target, flip=f) for f in flips])
+        dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
+        latent_params = torch.stack([dist.mean, dist.std], dim=1).float().cpu()  # (flips, 2, 4, h, w)
+        if not torch.isfinite(latent_params).all():
+            fix = (
+                "use --pretrained-vae with an fp16-fix VAE or keep the VAE in fp32"
+                if vae_dtype != torch.float32
+                else "re-export the image, or try another VAE with --pretrained-vae"
+            )
+            raise TrainingError(f"The VAE produced NaN or infinite latents for {p.name}; {fix}.")
+        dists.append(latent_params)
+        if masked:
+            mask, latent_hw = load_mask(p, image.size), latent_params.shape[-2:]
+            masks.append(
+                torch.stack([mask_to_tensor(mask, image.size, target, latent_hw, flip=f) for f in flips])
+            )
+            if not masks[-1].any():
+                log.warning("the mask of %s is black where the photo is trained: it teaches nothing", p.name)
+        if sdxl:
+            time_ids.append(torch.tensor([sdxl_time_ids(image.size, target, f) for f in flips]))
+        emit(Progress("cache", done_before + i + 1, total))
+    return dists, time_ids, masks
 
 
 def encode_prompts(text_encoders: list, input_ids: list[torch.Tensor]):
@@ -1044,20 +1114,20 @@ def encode_prompts(text_encoders: list, input_ids: list[torch.Tensor]):
     return torch.cat(hidden, dim=-1), out.text_embeds
 
 
-def sdxl_time_ids(size: tuple[int, int], resolution: int, flip: bool) -> list[int]:
+def sdxl_time_ids(size: tuple[int, int], resolution: int | tuple[int, int], flip: bool) -> list[int]:
     """SDXL's size conditioning for one training image: original (height, width), the crop's
-    top-left corner in the resized image, and the target size.
+    top-left corner in the resized image, and the target (height, width).
 
-    The crop is the one `data.image_to_tensor` takes (short side resized to `resolution`, centred
-    crop); a flipped image's crop is measured from the mirrored side.
+    The crop is the one `data.image_to_tensor` takes (resized to cover the target, a square side
+    or a (width, height) bucket, centred crop); a flipped image's crop is measured from the
+    mirrored side.
     """
     w, h = size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    tw, th = (resolution, resolution) if isinstance(resolution, int) else resolution
+    (new_w, _), left, top = crop_box_for(size, (tw, th))
     if flip:
-        left = new_w - resolution - left
-    return [h, w, top, left, resolution, resolution]
+        left = new_w - tw - left
+    return [h, w, top, left, th, tw]
 
 
 def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
@@ -1066,6 +1136,14 @@ def _pick(n: int, slot: int, seed: int, salt: int) -> tuple[int, bool]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, salt, epoch)))
     flip = bool(torch.randint(0, 2, (1,), generator=torch.Generator().manual_seed(_mix(seed, salt, slot))))
     return int(order[pos]), flip
+
+
+def _bucketed_batch(item_buckets: list, slots: list[int], seed: int) -> tuple[int, ...]:
+    """The photos of the batch whose slots are `slots` (consecutive, one batch): one bucket's."""
+    batch_size = len(slots)
+    number = slots[0] // batch_size
+    epoch, position = divmod(number, batches_per_epoch(tuple(item_buckets), batch_size))
+    return plan_epoch(tuple(item_buckets), batch_size, _mix(seed, 4, epoch))[position]
 
 
 def caption_dropped(slot: int, seed: int, probability: float) -> bool:
@@ -1081,14 +1159,22 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
 
     `text_encoders` is None when they are frozen (cached embeddings are used), else the trained ones.
     """
-    latents, prompt_ids, time_ids = [], [], []
+    latents, prompt_ids, time_ids, masks = [], [], [], []
     sources = [(cache.instance_latent_dists, cache.instance_prompt_ids, cache.instance_time_ids, 1)]
+    class_dists, class_sizes = cache.class_latent_dists, cache.class_time_ids
+    planned = None  # bucketing: this batch's photos, all of one bucket
+    if cache.instance_buckets is not None:
+        planned = _bucketed_batch(cache.instance_buckets, slots, config.seed)
+        if config.with_prior_preservation:
+            class_dists, class_sizes = cache.class_by_bucket[cache.instance_buckets[planned[0]]]
     if config.with_prior_preservation:
-        sources.append((cache.class_latent_dists, None, cache.class_time_ids, 2))
+        sources.append((class_dists, None, class_sizes or None, 2))
     # Collate order matters: all instance samples first, then all class samples.
     for dists, ids, sizes, salt in sources:
-        for slot in slots:
+        for j, slot in enumerate(slots):
             index, flip = _pick(len(dists), slot, config.seed, salt)
+            if salt == 1 and planned is not None:
+                index = planned[j]
             variant = 1 if (flip and config.random_flip) else 0
             params = dists[index][variant]  # (2, 4, h, w)
             mean, std = params[0], params[1]
@@ -1102,7 +1188,11 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
                 prompt_ids.append(ids[index])
             if sizes is not None:
                 time_ids.append(sizes[index][variant])
+            if salt == 1 and cache.instance_masks is not None:
+                masks.append(cache.instance_masks[index][variant])
     latents_t = torch.stack(latents).to(device)
+    # (B, 1, h, w) for the instance half only, or None
+    mask_t = torch.stack(masks).to(device) if masks else None
     if text_encoders is None:
         prompt_embeds = cache.prompt_embeds[prompt_ids].to(device, dtype=weight_dtype)
         pooled = cache.pooled_prompt_embeds
@@ -1113,12 +1203,12 @@ def _make_batch(cache: _Cache, slots: list[int], config, gen, device, weight_dty
             text_encoders, [ids[prompt_ids].to(device) for ids in input_ids]
         )
     if cache.instance_time_ids is None:
-        return latents_t, prompt_embeds, None
+        return latents_t, prompt_embeds, None, mask_t
     added_cond = {
         "text_embeds": pooled,
         "time_ids": torch.stack(time_ids).to(device, dtype=weight_dtype),
     }
-    return latents_t, prompt_embeds, added_cond
+    return latents_t, prompt_embeds, added_cond, mask_t
 
 
 def _enable_xformers(unet) -> None:

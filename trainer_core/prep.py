@@ -4,8 +4,10 @@
 orientation, 16-bit levels, transparency on white, any mode to RGB), crops a square around the
 face (or the busiest region, or the centre, or pads), resizes it to the training resolution, and
 captions it. It writes the squares, a `.txt` caption beside each, the accepted originals under
-`originals/` (so a crop can be redone later) and `report.json`; a rejected file gets one plain
-reason, a doubtful one a warning. `set_caption` and `recrop` apply the user's corrections.
+`originals/` (so a crop can be redone later, and so aspect-ratio bucketing has the whole photo)
+and `report.json`; a rejected file gets one plain reason, a doubtful one a warning. With `masks`
+it also writes a feathered subject mask (face and shoulders, or the busiest region) beside each
+square and each original, for `masked_loss`. `set_caption` and `recrop` apply the user's corrections.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_FORMATS, to_rgb
+from .data import IMAGE_FORMATS, is_mask, mask_path, to_rgb
 from .events import (
     Emit,
     Progress,
@@ -53,6 +55,8 @@ BLUR_FRACTION = 0.1  # Laplacian variance under a tenth of the set's median: blu
 # photo such as scikit-image's chelsea.png measures 15% of the others; a 4-pixel blur, under 1%)
 FACE_CROP_SCALE = 3.2  # square side / face size: head and shoulders
 FACE_CENTRE_HEIGHT = 0.42  # the face's centre sits this far down the square (room for shoulders)
+MASK_WORK_SIDE = 256  # subject masks are drawn at most this many pixels on the long side, then scaled up
+MASK_FEATHER = 0.04  # of the photo's short side: the soft edge that grows out of the subject
 
 _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 _EXTENSIONS |= {"HEIF": ".heic", "AVIF": ".avif"}
@@ -77,6 +81,11 @@ class PrepOptions:
     class_noun: str = _f("person", "What the subject is (person, dog, toy...), used in captions.")
     caption_model: str = _f(
         "Salesforce/blip-image-captioning-base", "BLIP model id or folder for --caption blip."
+    )
+    masks: bool = _f(
+        False,
+        "Also write a subject mask (photo.mask.png, white = subject, feathered) for masked_loss: "
+        "head and shoulders around the face, else the busiest region.",
     )
     caption_template: str = _f(
         "a photo of {token} {class_noun}",
@@ -128,6 +137,7 @@ class AcceptedPhoto:
     original: str = ""  # copy of the source, relative to the output folder
     source_size: tuple[int, int] = (0, 0)  # (width, height) after the EXIF transpose
     face_box: tuple[int, int, int, int] | None = None  # the face the crop was centred on
+    mask: str = ""  # the square's subject mask, relative to the output folder ("" when not made)
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,7 @@ class PrepReport:
                     "original": a.original,
                     "source_size": list(a.source_size),
                     "face_box": list(a.face_box) if a.face_box else None,
+                    "mask": a.mask,
                 }
                 for a in self.accepted
             ],
@@ -175,6 +186,7 @@ class PrepReport:
                 original=a.get("original", ""),
                 source_size=tuple(a.get("source_size", (0, 0))),
                 face_box=tuple(a["face_box"]) if a.get("face_box") else None,
+                mask=a.get("mask", ""),
             )
             for a in obj.get("accepted", [])
         )
@@ -205,7 +217,10 @@ class _Prepared:
     warnings: list[str]
     output: str = ""
     caption: str = ""
-    given_as: str = ""  # the source as the user gave it (for a re-prep, the first prep's source)
+    given_as: str = ""
+    mask: Image.Image | None = (
+        None  # the subject mask ("L") at the source's size, with `masks`  # the source as the user gave it (for a re-prep, the first prep's source)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +293,12 @@ def _write_set(
             item.square.save(tmp / item.output, format="PNG")
             original = f"{ORIGINALS_DIR}/{Path(item.output).stem}{_EXTENSIONS.get(item.fmt, '.img')}"
             shutil.copyfile(item.source, tmp / original)
+            mask = ""
+            if item.mask is not None:
+                # One for the square (square training) and one for the original (bucketing).
+                mask = mask_path(Path(item.output)).as_posix()
+                render_mask(item.mask, item.crop_box, options.resolution).save(tmp / mask, format="PNG")
+                item.mask.save(tmp / mask_path(Path(original)), format="PNG")
             if item.caption:
                 (tmp / item.output).with_suffix(".txt").write_text(item.caption + "\n", encoding="utf-8")
             accepted.append(
@@ -290,6 +311,7 @@ def _write_set(
                     original=original,
                     source_size=item.source_size,
                     face_box=item.face_box,
+                    mask=mask,
                 )
             )
         report = PrepReport(tuple(accepted), tuple(rejected), str(out), options)
@@ -351,6 +373,8 @@ def recrop(output_dir: str | Path, output: str, crop_box: tuple[int, int, int, i
     buffer = io.BytesIO()
     square.save(buffer, format="PNG")
     atomic_write_bytes(Path(output_dir) / entry.output, buffer.getvalue())
+    if entry.mask:
+        _rerender_mask(Path(output_dir), entry, box, resolution)
     warnings = [w_ for w_ in entry.warnings if not w_.startswith(_CROP_WARNING_PREFIXES)]
     warnings += _upscale_warning(_visible_side(box, rgb.size), resolution)
     return _replace_entry(report, dataclasses.replace(entry, crop_box=box, warnings=tuple(warnings)))
@@ -398,6 +422,8 @@ def _collect_inputs(inputs: Sequence[str | Path], out: Path) -> tuple[list[Path]
                 raise ValueError(
                     f"input: {p} is inside the output folder {out}; choose another output folder"
                 )
+            if is_mask(p):  # a subject mask (ours in originals/, or kohya-style) is not a photo
+                continue
             if p not in files:
                 files.append(p)
     return files, missing
@@ -497,6 +523,7 @@ def _prepare_one(path: Path, index: int, options: PrepOptions, given_as: str | N
         crop_box=box,
         source_size=rgb.size,
         face_box=face,
+        mask=subject_mask(rgb, face) if options.masks else None,
         phash=perceptual_hash(rgb),
         sharpness=laplacian_variance(_visible_region(rgb, box, options.resolution)),
         warnings=warnings,
@@ -608,6 +635,93 @@ def render_square(rgb: Image.Image, box: tuple[int, int, int, int], resolution: 
         inner = (max(left, 0), max(top, 0), min(right, w), min(bottom, h))
         region.paste(rgb.crop(inner), (inner[0] - left, inner[1] - top))
     return region.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subject masks (masked_loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def subject_mask(rgb: Image.Image, face: tuple[int, int, int, int] | None) -> Image.Image:
+    """A feathered subject mask ("L", the photo's size, 255 = subject): head and shoulders around
+    the face when there is one, else the busiest connected region (local entropy, as the crop's);
+    all white when no region stands out. The subject itself is fully white: the feather only
+    grows outwards from it."""
+    from scipy import ndimage
+
+    w, h = rgb.size
+    scale = min(1.0, MASK_WORK_SIDE / max(w, h))
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    if face is not None:
+        core = _head_and_shoulders([v * scale for v in face], (sw, sh))
+    else:
+        core = _busiest_region(rgb.convert("L").resize((sw, sh), Image.Resampling.BOX))
+    if core is None:
+        return Image.new("L", (w, h), 255)
+    feather = max(1.0, MASK_FEATHER * min(sw, sh))
+    grown = ndimage.binary_dilation(core, iterations=max(1, round(feather)))
+    soft = np.maximum(ndimage.gaussian_filter(grown.astype(np.float64), feather / 2), core)
+    small = Image.fromarray(np.round(soft * 255).astype(np.uint8), mode="L")
+    # Scaled up with a nearest copy of the core on top, so no subject pixel drops below white.
+    mask = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+    hard = np.asarray(Image.fromarray(core.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST))
+    return Image.fromarray(np.maximum(mask, hard), mode="L")
+
+
+def _head_and_shoulders(face: list[float], size: tuple[int, int]) -> np.ndarray:
+    """Two ellipses around a face box: the head with its hair, and the neck and shoulders below."""
+    fl, ft, fr, fb = face
+    side = max(fr - fl, fb - ft)
+    cx, cy = (fl + fr) / 2, (ft + fb) / 2
+    ys, xs = np.mgrid[0 : size[1], 0 : size[0]] + 0.5
+    head = ((xs - cx) / (0.85 * side)) ** 2 + ((ys - cy - 0.2 * side) / (1.05 * side)) ** 2 <= 1
+    shoulders = ((xs - cx) / (1.6 * side)) ** 2 + ((ys - cy - 2.1 * side) / (1.2 * side)) ** 2 <= 1
+    return head | shoulders
+
+
+def _busiest_region(grey: Image.Image) -> np.ndarray | None:
+    """The largest connected region of high local detail (Otsu's threshold on the entropy), holes
+    filled; None when it covers almost none or almost all of the photo (no clear subject)."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.filters.rank import entropy
+    from skimage.morphology import disk
+
+    detail = ndimage.gaussian_filter(entropy(np.array(grey), disk(4)).astype(np.float64), 2)
+    if detail.max() - detail.min() < 1e-6:
+        return None
+    labels, count = ndimage.label(detail > threshold_otsu(detail))
+    if count == 0:
+        return None
+    sizes = ndimage.sum(np.ones_like(labels), labels, index=range(1, count + 1))
+    region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+    share = region.mean()
+    return region if 0.02 <= share <= 0.9 else None
+
+
+def render_mask(mask: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:
+    """The square's part of a source-sized mask, black where the box reaches past the photo (padding
+    is no subject)."""
+    left, top, right, bottom = box
+    region = Image.new("L", (right - left, bottom - top), 0)
+    inner = (max(left, 0), max(top, 0), min(right, mask.width), min(bottom, mask.height))
+    region.paste(mask.crop(inner), (inner[0] - left, inner[1] - top))
+    return region.resize((resolution, resolution), Image.Resampling.BILINEAR)
+
+
+def _rerender_mask(folder: Path, entry: AcceptedPhoto, box, resolution: int) -> None:
+    """After a recrop: the square's mask cut again from the original's."""
+    source = folder / mask_path(Path(entry.original))
+    try:
+        with Image.open(source) as im:
+            mask = im.convert("L")
+    except (OSError, UnidentifiedImageError) as e:
+        raise TrainingError(
+            f"The mask of {entry.output} cannot be read ({e}); prepare the photos again."
+        ) from e
+    buffer = io.BytesIO()
+    render_mask(mask, box, resolution).save(buffer, format="PNG")
+    atomic_write_bytes(folder / entry.mask, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
