@@ -178,7 +178,9 @@ def test_adapter_folder_is_sdxl(trained, tiny_sdxl):
     from trainer_core.class_images import class_cache_dir
 
     assert cfg.class_data_dir is None
-    cached = class_cache_dir(f"local:{tiny_sdxl.resolve()}", cfg.class_prompt, 64)
+    cached = class_cache_dir(
+        f"local:{tiny_sdxl.resolve()}", cfg.class_prompt, 64, steps=cfg.class_generation_steps
+    )
     assert len(list_images(cached)) == 2, "two class images made by the tiny SDXL, in the shared cache"
 
 

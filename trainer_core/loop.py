@@ -793,7 +793,6 @@ def save_checkpoint(
                 step=step,
             ) from e
         emit(CheckpointSaved(step, str(path)))
-        emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
     accelerator.wait_for_everyone()
 
 
@@ -864,7 +863,6 @@ def validate(config, accelerator, paths: RunPaths, models: Models, step: int, re
             te.train()
     tracking.log_samples(accelerator, step, images)
     emit(SamplesSaved(step, saved))
-    emit(StageStarted("train", f"training {config.max_train_steps} steps", total=config.max_train_steps))
     return out_dir
 
 
