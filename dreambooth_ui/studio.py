@@ -59,6 +59,10 @@ CLIENT_FIELDS = frozenset({
     "enable_xformers", "compile_unet", "seed", "logging_steps", "validation_prompt", "validation_steps",
     "num_validation_images", "validation_inference_steps", "checkpointing_steps", "checkpoints_total_limit",
     "bucketing", "masked_loss",  # issue 16 (masked_loss needs masks: prep's `masks` option)
+    "text_encoder_lr", "text_encoder_weight_decay", "optimizer", "prodigy_d_coef",
+    "prodigy_safeguard_warmup", "prodigy_use_bias_correction", "use_dora", "caption_dropout",
+    "eval_models", "num_eval_prompts", "num_eval_class_images", "best_metric", "best_clip_t_tolerance",
+    "best_pres_tolerance",
     # paths: with logins, resolved inside the user's own folder (relative paths start there)
     "class_data_dir", "resume_from_checkpoint", "pretrained_vae", "single_file_config",
 })  # fmt: skip
@@ -69,7 +73,7 @@ TRAIN_LIMITS = {
     "max_train_steps": 20_000, "resolution": 2048, "num_class_images": 2000, "rank": 256,
     "train_batch_size": 64, "gradient_accumulation_steps": 256, "class_generation_steps": 200,
     "class_generation_batch_size": 64, "validation_inference_steps": 200, "num_validation_images": 16,
-    "checkpoints_total_limit": 100,
+    "checkpoints_total_limit": 100, "num_eval_prompts": 16, "num_eval_class_images": 16,
 }  # fmt: skip
 MAX_GENERATION_STEPS = 100
 MAX_IMAGES = 4  # per generation request

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer_core.config import MIXED_PRECISIONS
+from trainer_core.config import EVAL_MODELS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS
 
 from ..studio import Studios, UserError
 from ..views import loss_frame, plan_markdown, sample_items, status_html
@@ -168,6 +168,22 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
             label="Validation every N steps (0: at the end)", precision=0, elem_id="adv-validation-steps"
         )
         boxes["checkpointing_steps"] = gr.Number(label="Checkpoint every N steps", precision=0)
+    # The craft options of kohya_ss / OneTrainer / diffusers' advanced script (docs/cli.md explains each).
+    with gr.Row():
+        boxes["lr_scheduler"] = gr.Dropdown(list(LR_SCHEDULERS), label="LR schedule")
+        boxes["optimizer"] = gr.Dropdown(list(OPTIMIZERS), label="Optimizer (prodigy: learning rate 1.0)")
+        boxes["text_encoder_lr"] = gr.Number(label="Text encoder learning rate")
+        boxes["use_8bit_adam"] = gr.Checkbox(label="8-bit Adam (CUDA)")
+    with gr.Row():
+        boxes["use_dora"] = gr.Checkbox(label="DoRA")
+        boxes["caption_dropout"] = gr.Number(label="Caption dropout (0-1)")
+        boxes["masked_loss"] = gr.Checkbox(label="Masked loss (needs masks from prep)")
+        boxes["bucketing"] = gr.Checkbox(label="Aspect-ratio buckets")
+    with gr.Row():
+        boxes["random_flip"] = gr.Checkbox(label="Random flip")
+        boxes["noise_offset"] = gr.Number(label="Noise offset")
+        boxes["snr_gamma"] = gr.Number(label="Min-SNR gamma (empty: off)")
+        boxes["eval_models"] = gr.Dropdown(list(EVAL_MODELS), label="Scores (CLIP/DINO) each validation")
     return boxes
 
 
