@@ -320,14 +320,20 @@ class Studio:
         batch.mkdir(parents=True)
         saved = []
         try:
-            for i, f in enumerate(files):
+            for f in files:
                 src = Path(f)
                 if not src.is_file():
                     continue
                 # Keep the user's file name (for the report) but never its directories; a name with
                 # no letter or digit (an emoji, dashes) gets a plain one instead of failing the batch.
+                # No number prefix here: preparing numbers the photos (`001-astro.png`, not
+                # `001-000-astro.png`); two uploads of one name get `astro-2.png`.
                 name = _NAME.sub("-", src.name.strip()).strip(".-_")[:64] or "upload"
-                target = batch / f"{i:03d}-{name}"
+                target = batch / name
+                n = 2
+                while target.exists():
+                    target = batch / f"{Path(name).stem}-{n}{Path(name).suffix}"
+                    n += 1
                 shutil.copyfile(src, target)
                 saved.append(target)
             if not saved:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from app_helpers import launch_app
 from conftest import write_photos
+from PIL import Image, ImageFilter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -99,6 +100,28 @@ def legend_inside(driver, elem_id: str) -> list[str]:
     return [label.text for label in labels]
 
 
+# The caption table's cells as a person sees them: text cut off (clipped or "…"), rows drawn over
+# each other, or an element scrolling inside the table (rows hidden in its own scroll).
+CELLS_JS = """
+const t = document.getElementById('captions');
+const cells = [...t.querySelectorAll('[role=gridcell]')];
+const box = t.getBoundingClientRect();
+const cut = cells.filter(c => { const s = c.querySelector('span') || c;
+  return s.scrollWidth > s.clientWidth + 1 || s.scrollHeight > c.clientHeight + 1
+    || c.getBoundingClientRect().right > box.right + 1; });
+const rows = [...t.querySelectorAll('[role=row].virtual-row')].map(r => r.getBoundingClientRect());
+let overlap = 0;
+for (let i = 1; i < rows.length; i++) if (rows[i].top < rows[i - 1].bottom - 1) overlap++;
+const scrolls = v => ['auto', 'scroll'].includes(v);
+const inner = [...t.querySelectorAll('*')].filter(e =>
+  e.scrollHeight > e.clientHeight + 2 && scrolls(getComputedStyle(e).overflowY)
+  || e.scrollWidth > e.clientWidth + 2 && scrolls(getComputedStyle(e).overflowX));
+return {cut: cut.map(c => c.innerText.slice(0, 40)), overlap, inner: inner.length,
+  names: cells.filter(c => c.dataset.col === '0').map(c => c.innerText),
+  warnings: cells.filter(c => c.dataset.col === '2').map(c => c.innerText)};
+"""
+
+
 def click_tab(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -122,6 +145,8 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload"
         )
         photos = sorted(write_photos(tmp_path / "photos", n=4, size=(160, 120)).glob("*.jpg"))
+        # One wide, blurred photo: two warnings, a sentence too long for one line of its cell.
+        Image.open(photos[3]).resize((560, 120)).filter(ImageFilter.GaussianBlur(6)).save(photos[3])
         upload.send_keys("\n".join(str(p) for p in photos))
         wait_until(
             lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads"
@@ -131,6 +156,15 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(
             lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 120, "prepared images"
         )
+        # Warnings readable (item 7): every row on the page, no cell cut to one line or hidden in the
+        # table's own scroll, one number prefix on each prepared name.
+        seen = d.execute_script(CELLS_JS)
+        assert [w for w in seen["warnings"] if w] == [
+            "very wide or tall (4.7:1); only a square part is used; blurry: 1% of the set's median "
+            "sharpness; a sharper photo trains better"
+        ], seen
+        assert seen["cut"] == [] and seen["overlap"] == 0 and seen["inner"] == 0, seen
+        assert seen["names"] == [f"00{i + 1}-photo-{i}.png" for i in range(4)], seen
         screenshot(d, shots / "1-photos.png")
 
         click_tab(d, "Train")
