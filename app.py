@@ -99,6 +99,9 @@ def launch_options(studios) -> dict:
         show_error=False,  # unexpected errors are logged; the page shows one sentence
         theme="soft",
         css=CSS,
+        # Gradio's footer "Runs" opens its call history, not this app's Runs tab: left out so it
+        # cannot be mistaken for it (the API docs and settings links stay).
+        footer_links=["api", "gradio", "settings"],
     )
 
 

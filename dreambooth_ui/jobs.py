@@ -111,8 +111,13 @@ class JobRunner:
         job = self._job
         return job is not None and job.state in ("running", "stopping") and self._thread is not None
 
-    def start(self, config: TrainConfig, run_id: str) -> str:
-        """Start training `config` in run folder `runs_dir/run_id`; JobBusy if a job runs."""
+    def start(
+        self, config: TrainConfig, run_id: str, *, earlier_metrics: list[dict[str, Any]] | None = None
+    ) -> str:
+        """Start training `config` in run folder `runs_dir/run_id`; JobBusy if a job runs.
+
+        `earlier_metrics` are the rows a resumed run logged before it stopped (shown in the chart).
+        """
         with self._lock:
             if self.running:
                 raise JobBusy("A training job is already running; stop it or wait for it to finish.")
@@ -123,7 +128,13 @@ class JobRunner:
             config = replace(config, output_dir=str(run_dir))
             self._stop.clear()
             try:
-                self._job = _Job(run_id, run_dir, config, total_steps=config.max_train_steps)
+                self._job = _Job(
+                    run_id,
+                    run_dir,
+                    config,
+                    total_steps=config.max_train_steps,
+                    metrics=list(earlier_metrics or []),
+                )
                 if self._before_start:
                     self._before_start()
                 self._thread = threading.Thread(target=self._run, name=f"train-{run_id}", daemon=True)
@@ -147,7 +158,10 @@ class JobRunner:
             raise TrainingError(
                 f"The run {run_id} has no checkpoint to resume from; start a new run instead."
             )
-        return self.start(replace(config, resume_from_checkpoint="latest"), run_id)
+        # The live chart shows the whole run: the steps before the stop come from its metrics file.
+        return self.start(
+            replace(config, resume_from_checkpoint="latest"), run_id, earlier_metrics=read_metrics(run_dir)
+        )
 
     def stop(self) -> bool:
         """Ask the job to stop at its next safe point (it saves a checkpoint and the adapter)."""
@@ -259,6 +273,9 @@ class JobRunner:
                 if job.first_step is None:
                     job.first_step = (event.step, event.seconds)
                 job.last_step_seconds = event.seconds
+                # Resumed from a checkpoint older than the stop: the replayed steps replace the old rows.
+                while job.metrics and job.metrics[-1].get("step", 0) >= event.step:
+                    job.metrics.pop()
                 job.metrics.append(
                     {
                         "step": event.step,

@@ -320,14 +320,20 @@ class Studio:
         batch.mkdir(parents=True)
         saved = []
         try:
-            for i, f in enumerate(files):
+            for f in files:
                 src = Path(f)
                 if not src.is_file():
                     continue
                 # Keep the user's file name (for the report) but never its directories; a name with
                 # no letter or digit (an emoji, dashes) gets a plain one instead of failing the batch.
+                # No number prefix here: preparing numbers the photos (`001-astro.png`, not
+                # `001-000-astro.png`); two uploads of one name get `astro-2.png`.
                 name = _NAME.sub("-", src.name.strip()).strip(".-_")[:64] or "upload"
-                target = batch / f"{i:03d}-{name}"
+                target = batch / name
+                n = 2
+                while target.exists():
+                    target = batch / f"{Path(name).stem}-{n}{Path(name).suffix}"
+                    n += 1
                 shutil.copyfile(src, target)
                 saved.append(target)
             if not saved:
@@ -527,9 +533,16 @@ class Studio:
 
         The run remembers the name (published.json), so the Runs view can open it in Generate.
         """
+        from trainer_core.events import TrainingError
         from trainer_core.fileio import atomic_write_json
 
-        info = self.store.add(result.adapter_dir)
+        # A resumed run replaces the adapter its stop published: one adapter per run, not two.
+        earlier = _published_name(run_dir)
+        try:
+            earlier = self.store.get(earlier).name if earlier else None
+        except (ValueError, TrainingError):
+            earlier = None  # deleted or renamed since: the resumed run gets a name of its own
+        info = self.store.add(result.adapter_dir, name=earlier, replace=bool(earlier))
         published: dict[str, Any] = {"adapter": info.name}
         repo_id = self._auto_push(info.name)
         if repo_id:
@@ -742,6 +755,16 @@ class Studio:
             raise UserError(f"There is no adapter called {args[0]!r} in the gallery.") from e
         except FileExistsError as e:
             raise UserError(_sentence(str(e))) from e
+
+
+def _published_name(run_dir: Path) -> str | None:
+    """The gallery name a run's adapter got when it last ended (stopped), if any."""
+    import json
+
+    try:
+        return str(json.loads((run_dir / PUBLISHED).read_text())["adapter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _folder_owner(folder: Path) -> str | None:

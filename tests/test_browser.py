@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from app_helpers import launch_app
 from conftest import write_photos
+from PIL import Image, ImageFilter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -99,6 +100,69 @@ def legend_inside(driver, elem_id: str) -> list[str]:
     return [label.text for label in labels]
 
 
+# The caption table's cells as a person sees them: text cut off (clipped or "…"), rows drawn over
+# each other, or an element scrolling inside the table (rows hidden in its own scroll).
+CELLS_JS = """
+const t = document.getElementById('captions');
+const cells = [...t.querySelectorAll('[role=gridcell]')];
+const box = t.getBoundingClientRect();
+const cut = cells.filter(c => { const s = c.querySelector('span') || c;
+  return s.scrollWidth > s.clientWidth + 1 || s.scrollHeight > c.clientHeight + 1
+    || c.getBoundingClientRect().right > box.right + 1; });
+const rows = [...t.querySelectorAll('[role=row].virtual-row')].map(r => r.getBoundingClientRect());
+let overlap = 0;
+for (let i = 1; i < rows.length; i++) if (rows[i].top < rows[i - 1].bottom - 1) overlap++;
+const scrolls = v => ['auto', 'scroll'].includes(v);
+const inner = [...t.querySelectorAll('*')].filter(e =>
+  e.scrollHeight > e.clientHeight + 2 && scrolls(getComputedStyle(e).overflowY)
+  || e.scrollWidth > e.clientWidth + 2 && scrolls(getComputedStyle(e).overflowX));
+return {cut: cut.map(c => c.innerText.slice(0, 40)), overlap, inner: inner.length,
+  names: cells.filter(c => c.dataset.col === '0').map(c => c.innerText),
+  warnings: cells.filter(c => c.dataset.col === '2').map(c => c.innerText)};
+"""
+
+
+# The lowest contrast of the help text under labels, against the background it is drawn on.
+CONTRAST_JS = """
+const rgb = c => c.match(/[\\d.]+/g).map(Number);
+const lum = c => { const v = rgb(c).slice(0, 3).map(x => { x /= 255;
+  return x <= 0.03928 ? x / 12.92 : ((x + 0.055) / 1.055) ** 2.4; });
+  return 0.2126 * v[0] + 0.7152 * v[1] + 0.0722 * v[2]; };
+const bg = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+  const a = rgb(c); if (a.length < 4 || a[3] > 0.5) return c; } return 'rgb(255, 255, 255)'; };
+return Math.min(...[...document.querySelectorAll('[data-testid=block-info]')].map(e => {
+  const a = lum(getComputedStyle(e).color), b = lum(bg(e));
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); }));
+"""
+
+
+def check_the_page_fits_a_phone(driver) -> None:
+    """Item 11: at 420 px all five tabs show (none behind a "More tabs" menu) and the base-model
+    row stacks; help text reaches 4.5:1 contrast (WCAG AA)."""
+    from selenium.webdriver.common.by import By
+
+    wait_until(lambda: len(driver.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    assert driver.execute_script(CONTRAST_JS) >= 4.5, driver.execute_script(CONTRAST_JS)
+    driver.set_window_size(420, 1100)
+    try:
+
+        def tabs_shown():
+            tabs = [t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.is_displayed()]
+            width = driver.execute_script("return document.documentElement.clientWidth")
+            return len(tabs) == 5 and all(
+                t.rect["x"] >= 0 and t.rect["x"] + t.rect["width"] <= width for t in tabs
+            )
+
+        wait_until(tabs_shown, 10, "five tabs at 420 px")
+        more = driver.find_elements(By.CSS_SELECTOR, "button[aria-label='More tabs']")
+        assert not [m for m in more if m.is_displayed()]
+        picker = driver.find_element(By.CSS_SELECTOR, "#base-row input").rect
+        note = driver.find_element(By.ID, "base-note").rect
+        assert note["y"] >= picker["y"] + picker["height"], (picker, note)  # below it, not beside
+    finally:
+        driver.set_window_size(1400, 1100)
+
+
 def click_tab(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -111,6 +175,7 @@ def click_tab(driver, label: str) -> None:
 
 def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
@@ -118,10 +183,25 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
     try:
         d = browser
         d.get(url)
+        check_the_page_fits_a_phone(d)
+        # Offline, a Hub model not downloaded: the hint names the command the pinned hub installs.
+        # (After the page's own note for the default model, which would otherwise land last.)
+        wait_until(lambda: "tiny-sd15" in d.find_element(By.ID, "base-note").text, 60, "the load's note")
+        box = d.find_element(By.CSS_SELECTOR, "#base-row input")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("someone/not-downloaded", Keys.ENTER)
+        wait_until(
+            lambda: "hf download someone/not-downloaded" in d.find_element(By.ID, "base-note").text,
+            60,
+            "the offline hint",
+        )
+        d.get(url)  # back to the default base model, nothing else done yet
         upload = wait_until(
             lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload"
         )
         photos = sorted(write_photos(tmp_path / "photos", n=4, size=(160, 120)).glob("*.jpg"))
+        # One wide, blurred photo: two warnings, a sentence too long for one line of its cell.
+        Image.open(photos[3]).resize((560, 120)).filter(ImageFilter.GaussianBlur(6)).save(photos[3])
         upload.send_keys("\n".join(str(p) for p in photos))
         wait_until(
             lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads"
@@ -131,6 +211,17 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(
             lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 120, "prepared images"
         )
+        # Warnings readable (item 7): every row on the page, no cell cut to one line or hidden in the
+        # table's own scroll, one number prefix on each prepared name.
+        seen = d.execute_script(CELLS_JS)
+        assert [w for w in seen["warnings"] if w] == [
+            "very wide or tall (4.7:1); only a square part is used; blurry: 1% of the set's median "
+            "sharpness; a sharper photo trains better"
+        ], seen
+        assert seen["cut"] == [] and seen["overlap"] == 0 and seen["inner"] == 0, seen
+        assert seen["names"] == [f"00{i + 1}-photo-{i}.png" for i in range(4)], seen
+        # Gradio's footer "Runs" (its call history, shown once a call is saved) is not offered.
+        assert "Runs" not in [a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, "footer a")]
         screenshot(d, shots / "1-photos.png")
 
         click_tab(d, "Train")

@@ -41,20 +41,34 @@ class ScriptedTrainer:
         self.configs.append(config)
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        config.save(out / "config.json")
         emit(StageStarted("train", "training", total=self.steps))
+        # Like the engine: a resume continues after the last checkpoint; every step is logged to
+        # metrics.jsonl; the adapter folder holds weights and adapter.json (the gallery copies it).
+        first = 1
+        if config.resume_from_checkpoint == "latest":
+            first = 1 + max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir())
         step = 0
-        for step in range(1, self.steps + 1):
+        for step in range(first, self.steps + 1):
             assert self.gate.acquire(timeout=20)
             if self.fail_at == step:
                 raise self.error
             emit(StepMetrics(step, self.steps, 1.0 / step, 0.5 / step, 0.5 / step, 1e-4, step * 0.5))
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
             if step % 2 == 0:
-                emit(CheckpointSaved(step, str(out / f"checkpoints/checkpoint-{step}")))
+                checkpoint = out / f"checkpoints/checkpoint-{step}"
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                (checkpoint / "state.json").write_text(json.dumps({"step": step}))
+                emit(CheckpointSaved(step, str(checkpoint)))
             if should_stop():
                 break
         status = "stopped" if step < self.steps else "finished"
         adapter = out / "adapter"
         adapter.mkdir(exist_ok=True)
+        (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"weights at step %d" % step)
+        name = config.adapter_name or "sks-dog"
+        (adapter / "adapter.json").write_text(json.dumps({"name": name, "steps": step}))
         emit(Finished(status, {"steps": step}))
         return FakeResult(status, adapter)
 
@@ -200,3 +214,42 @@ def test_restart_turns_running_into_interrupted_or_lost_and_resumes(tmp_path):
     assert runner.wait(20)
     assert trainer.configs[0].resume_from_checkpoint == "latest"
     assert trainer.configs[0].output_dir == str(runs / "b-interrupted")
+
+
+def test_stop_then_resume_leaves_one_adapter_and_the_whole_chart(tmp_path):
+    """Issue 15 item 9: the resumed run replaces the adapter its stop published (no `astro-2`
+    half-trained beside `astro-3` finished), and the live chart has the steps before the stop."""
+    from dataclasses import replace
+
+    from dreambooth_ui.studio import Studio
+
+    trainer = ScriptedTrainer(steps=6)
+    studio = Studio(tmp_path, train_fn=trainer)
+    studio.store.add(_adapter(tmp_path / "older", "astro"))  # the requested name is taken already
+    run_id = studio.start_training(replace(config(), adapter_name="astro", max_train_steps=6))["run_id"]
+    trainer.release(2)
+    wait_for(lambda: studio.training_status()["step"] == 2)
+    studio.stop_training()
+    trainer.release(1)
+    assert studio.runner.wait(20)
+    stopped = studio.training_status()
+    assert stopped["state"] == "stopped" and stopped["adapter_name"] == "astro-2"
+
+    studio.resume_training(run_id)
+    trainer.release(1)
+    wait_for(lambda: studio.training_status()["step"] == 3)
+    assert [m["step"] for m in studio.training_status()["metrics"]] == [1, 2, 3]
+    trainer.release(3)
+    assert studio.runner.wait(20)
+    done = studio.training_status()
+    assert done["state"] == "finished" and done["adapter_name"] == "astro-2"
+    assert [m["step"] for m in done["metrics"]] == [1, 2, 3, 4, 5, 6]
+    assert sorted(a.name for a in studio.store.list()) == ["astro", "astro-2"]
+    assert studio.store.get("astro-2").steps == 6  # the finished weights, not the stopped ones
+
+
+def _adapter(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    (folder / "adapter.json").write_text(json.dumps({"name": name, "steps": 1}))
+    return folder

@@ -56,7 +56,7 @@ def check_base_model(base_model: str) -> str:
     if _hub_offline() or not _hub_reachable():
         return (
             f"{name} is not downloaded and the Hugging Face Hub cannot be reached from here; download it where "
-            "there is network (huggingface-cli download), or pick a local folder, a .safetensors file or a tiny model."
+            f"there is network (hf download {name}), or pick a local folder, a .safetensors file or a tiny model."
         )
     return f"{name} will be downloaded from the Hugging Face Hub on first use (several GB)."
 

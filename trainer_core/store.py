@@ -98,15 +98,19 @@ class AdapterStore:
 
     # -- changing --------------------------------------------------------------------------------
 
-    def add(self, adapter_dir: str | Path, name: str | None = None) -> AdapterInfo:
-        """Copy a finished adapter folder into the store under a unique name (atomically)."""
+    def add(self, adapter_dir: str | Path, name: str | None = None, *, replace: bool = False) -> AdapterInfo:
+        """Copy a finished adapter folder into the store under a unique name (atomically).
+
+        With `replace`, an adapter already called `name` is swapped for this one (a resumed run
+        replaces what its stop published) instead of getting a numbered sibling.
+        """
         source = Path(adapter_dir).expanduser()
         if not (source / LORA_WEIGHT_NAME).is_file():
             raise TrainingError(f"{adapter_dir} is not an adapter folder (no {LORA_WEIGHT_NAME}).")
         info = _read_adapter(source)
         wanted = check_name(name) if name is not None else check_name(str(info.get("name") or source.name))
-        target = self._unique(self.root, wanted)
-        with atomic_directory(target, replace=False) as tmp:
+        target = self._path(self.root, wanted) if replace else self._unique(self.root, wanted)
+        with atomic_directory(target, replace=replace) as tmp:
             for item in source.iterdir():
                 if item.is_dir():
                     shutil.copytree(item, tmp / item.name, symlinks=False)

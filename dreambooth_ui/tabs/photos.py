@@ -59,6 +59,10 @@ def build(studios: Studios, base_model: gr.Dropdown) -> PhotosTab:
             interactive=True,
             label="Captions (edit in place; saved as you leave the cell)",
             elem_id="captions",
+            # Warnings are sentences: wrapped in full, and every row on the page (no inner scroll).
+            wrap=True,
+            max_height=100_000,
+            column_widths=["22%", "38%", "40%"],
         )
         rejected = gr.Dataframe(headers=["file", "reason"], label="Not used", interactive=False)
         dataset = gr.State("")
