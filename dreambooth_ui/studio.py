@@ -500,21 +500,33 @@ class Studio:
             self.runner.start(config, run_id)
         except JobBusy as e:
             raise UserError(str(e)) from e
-        return self.runner.snapshot()
+        return self.training_status()
 
     def resume_training(self, run_id: str) -> dict[str, Any]:
         try:
             _engine_call(self.runner.resume, safe_name(run_id, "run id"))
         except JobBusy as e:
             raise UserError(str(e)) from e
-        return self.runner.snapshot()
+        return self.training_status()
 
     def training_status(self) -> dict[str, Any]:
-        return self.runner.snapshot()
+        """The job's snapshot plus `scores`: its run's scored validation rounds (scores.jsonl)."""
+        from trainer_core.runs import read_scores
+
+        snap = self.runner.snapshot()
+        run_dir = snap.get("run_dir")
+        snap["scores"] = read_scores(run_dir) if run_dir else []
+        return snap
+
+    def eval_note(self, eval_models: str | None) -> str:
+        """One line: whether a run with `eval_models` will be scored, and why not (nothing loaded)."""
+        from trainer_core.evaluate import eval_status
+
+        return eval_status(eval_models or TrainConfig.eval_models)[1]
 
     def stop_training(self) -> dict[str, Any]:
         stopping = self.runner.stop()
-        snap = self.runner.snapshot()
+        snap = self.training_status()
         if not stopping:
             snap["message"] = "No training is running."
         return snap

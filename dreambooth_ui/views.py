@@ -76,6 +76,21 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
     return typed_frame(rows, {"step": "int64", "loss": "float64", "series": "str"})
 
 
+# The scores' series in the plots and tables; PRES is the one where lower is better.
+SCORE_SERIES = {"dino": "dino", "clip_i": "clip_i", "clip_t": "clip_t", "pres": "pres (lower is better)"}
+
+
+def scores_frame(scores: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long-form scores of the scored rounds (runs.read_scores rows) for a line plot beside the loss."""
+    rows = [
+        (r["step"], r[key], label)
+        for r in scores
+        for key, label in SCORE_SERIES.items()
+        if isinstance(r.get(key), int | float)
+    ]
+    return typed_frame(rows, {"step": "int64", "score": "float64", "series": "str"})
+
+
 def status_html(snap: dict[str, Any]) -> str:
     state = snap.get("state", "idle")
     if state == "idle":
