@@ -595,6 +595,46 @@ class Studio:
                 by_step.setdefault(step, []).extend((run_id, p) for p in images)
         return dict(sorted(by_step.items()))
 
+    def run_scores(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Per run: {run, scores (read_scores rows), best (best_checkpoint_for_run, or None)}."""
+        from trainer_core.evaluate import best_checkpoint_for_run
+        from trainer_core.runs import read_scores
+
+        out = []
+        for run_id in run_ids:
+            run_dir = self._run_dir(run_id)
+            out.append(
+                {
+                    "run": run_dir.name,
+                    "scores": read_scores(run_dir),
+                    "best": best_checkpoint_for_run(run_dir),
+                }
+            )
+        return out
+
+    def run_checkpoints(self, run_id: str) -> tuple[list[int], int | None]:
+        """A run's saved checkpoint steps and its best one (None when unscored)."""
+        from trainer_core.checkpoints import list_checkpoints
+        from trainer_core.evaluate import best_checkpoint_for_run
+
+        run_dir = self._run_dir(run_id)
+        best = best_checkpoint_for_run(run_dir)
+        return [s for s, _ in list_checkpoints(run_dir / "checkpoints")], best["step"] if best else None
+
+    def export_checkpoint(self, run_id: str, step: int | None) -> dict[str, Any]:
+        """Checkpoint `step` of a run as a new adapter in the gallery (named `<adapter>-step<K>`)."""
+        import tempfile
+
+        from trainer_core.evaluate import export_checkpoint
+
+        run_dir = self._run_dir(run_id)
+        if step is None or step == "":
+            raise UserError("Pick the step of a saved checkpoint to export.")
+        self._check_not_training()  # the export loads the base model
+        with tempfile.TemporaryDirectory(prefix="export-", dir=self.data_dir / "outputs") as tmp:
+            folder = _engine_call(export_checkpoint, run_dir, int(step), Path(tmp) / "adapter")
+            return adapter_dict(self._store_call(self.store.add, folder))
+
     def run_adapter(self, run_id: str) -> str:
         """The gallery name of a run's adapter."""
         import json

@@ -197,6 +197,36 @@ def curves_frame(curves: list[dict[str, Any]]) -> pd.DataFrame:
     )
 
 
+SCORE_COLUMNS = ["run", "step", "dino", "clip_i", "clip_t", "pres", "best"]
+
+
+def score_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per run and scored step (Studio.run_scores), the run's best checkpoint marked."""
+    rows = []
+    for run in runs:
+        best = (run.get("best") or {}).get("step")
+        for r in run["scores"]:
+            mark = "★ best" if r["step"] == best else ""
+            rows.append([run["run"], r["step"], *(_cell(r.get(k)) for k in SCORE_SERIES), mark])
+    return rows
+
+
+def best_markdown(runs: list[dict[str, Any]]) -> str:
+    """Each ticked run's best checkpoint and the rule's reason, one line per run."""
+    lines = []
+    for run in runs:
+        best = run.get("best")
+        if best:
+            lines.append(
+                f"- **{esc(run['run'])}**: best checkpoint step {best['step']}: {esc(best['reason'])}."
+            )
+        elif run["scores"]:
+            lines.append(f"- **{esc(run['run'])}**: no saved checkpoint passes the rule.")
+        else:
+            lines.append(f"- **{esc(run['run'])}**: not scored (scores were off or no validation round ran).")
+    return "\n".join(lines)
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.4g}")

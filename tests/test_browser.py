@@ -280,8 +280,30 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(lambda: lines() == 1 and legend_runs() == [other], 60, "the other run's line")
         tick(run_id)
         wait_until(lambda: lines() == 2, 60, "two lines again")
+        # Scores per step of the ticked runs, each run's best checkpoint marked with the rule's reason.
+        best = studio.run_checkpoints(run_id)[1]
+        assert best is not None
+        wait_until(lambda: "★ best" in d.find_element(By.ID, "runs-scores").text, 60, "best marked")
+        wait_until(
+            lambda: f"best checkpoint step {best}" in d.find_element(By.ID, "runs-best").text,
+            60,
+            "best named",
+        )
         screenshot(d, shots / "5-runs.png")
-        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
+        # Export the picked run's best checkpoint: a new adapter, selected in the Gallery with its scores.
+        picked = d.find_element(By.CSS_SELECTOR, "#export-step input").get_attribute("value")
+        assert picked.endswith("★ best"), picked
+        d.find_element(By.ID, "export-btn").click()
+        step = picked.split()[0]
+        exported = wait_until(
+            lambda: [a["name"] for a in studio.list_adapters() if a["name"].endswith(f"-step{step}")],
+            120,
+            "export",
+        )[0]
+        click_tab(d, "Gallery")
+        wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
+        screenshot(d, shots / "6-gallery-scores.png")
+        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs", "6-gallery-scores"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000
     finally:
         studio.runner.stop()
