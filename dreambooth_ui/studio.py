@@ -635,6 +635,12 @@ class Studio:
             folder = _engine_call(export_checkpoint, run_dir, int(step), Path(tmp) / "adapter")
             return adapter_dict(self._store_call(self.store.add, folder))
 
+    def adapter_scores(self, name: str) -> dict[str, Any] | None:
+        """The scores an exported adapter's adapter.json carries (its checkpoint's round), if any."""
+        from trainer_core.adapters import read_adapter
+
+        return read_adapter(self._adapter_info(name).path).get("scores") or None
+
     def run_adapter(self, run_id: str) -> str:
         """The gallery name of a run's adapter."""
         import json

@@ -178,8 +178,16 @@ def adapter_markdown(a: dict[str, Any] | None) -> str:
         f"- trigger: `{esc(a.get('token') or '')}` · prompt: *{esc(a.get('instance_prompt') or '')}*\n"
         f"- base model: `{esc(a.get('base_model'))}` ({esc(a.get('architecture'))})\n"
         f"- rank {a.get('rank')} · alpha {a.get('alpha')} · {a.get('steps')} steps · final loss {loss}\n"
-        f"- created {esc(a.get('created'))}"
+        f"- created {esc(a.get('created'))}" + scores_line(a.get("scores"))
     )
+
+
+def scores_line(scores: dict[str, Any] | None) -> str:
+    """An adapter's scores (adapter.json `scores`) as one Markdown list item; empty when it has none."""
+    cells = [
+        f"{key} {scores[key]:.3f}" for key in SCORE_SERIES if isinstance((scores or {}).get(key), int | float)
+    ]
+    return ("\n- scores: " + " · ".join(cells) + " (PRES: lower is better)") if cells else ""
 
 
 # ---- Runs ---------------------------------------------------------------------------------------

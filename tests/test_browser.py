@@ -302,6 +302,7 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         )[0]
         click_tab(d, "Gallery")
         wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
+        wait_until(lambda: "scores: dino" in d.find_element(By.ID, "gallery-details").text, 60, "its scores")
         screenshot(d, shots / "6-gallery-scores.png")
         for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs", "6-gallery-scores"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000
