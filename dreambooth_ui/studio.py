@@ -506,21 +506,33 @@ class Studio:
             self.runner.start(config, run_id)
         except JobBusy as e:
             raise UserError(str(e)) from e
-        return self.runner.snapshot()
+        return self.training_status()
 
     def resume_training(self, run_id: str) -> dict[str, Any]:
         try:
             _engine_call(self.runner.resume, safe_name(run_id, "run id"))
         except JobBusy as e:
             raise UserError(str(e)) from e
-        return self.runner.snapshot()
+        return self.training_status()
 
     def training_status(self) -> dict[str, Any]:
-        return self.runner.snapshot()
+        """The job's snapshot plus `scores`: its run's scored validation rounds (scores.jsonl)."""
+        from trainer_core.runs import read_scores
+
+        snap = self.runner.snapshot()
+        run_dir = snap.get("run_dir")
+        snap["scores"] = read_scores(run_dir) if run_dir else []
+        return snap
+
+    def eval_note(self, eval_models: str | None) -> str:
+        """One line: whether a run with `eval_models` will be scored, and why not (nothing loaded)."""
+        from trainer_core.evaluate import eval_status
+
+        return eval_status(eval_models or TrainConfig.eval_models)[1]
 
     def stop_training(self) -> dict[str, Any]:
         stopping = self.runner.stop()
-        snap = self.runner.snapshot()
+        snap = self.training_status()
         if not stopping:
             snap["message"] = "No training is running."
         return snap
@@ -595,6 +607,52 @@ class Studio:
             for step, images in sample_steps(self._run_dir(run_id)).items():
                 by_step.setdefault(step, []).extend((run_id, p) for p in images)
         return dict(sorted(by_step.items()))
+
+    def run_scores(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Per run: {run, scores (read_scores rows), best (best_checkpoint_for_run, or None)}."""
+        from trainer_core.evaluate import best_checkpoint_for_run
+        from trainer_core.runs import read_scores
+
+        out = []
+        for run_id in run_ids:
+            run_dir = self._run_dir(run_id)
+            out.append(
+                {
+                    "run": run_dir.name,
+                    "scores": read_scores(run_dir),
+                    "best": best_checkpoint_for_run(run_dir),
+                }
+            )
+        return out
+
+    def run_checkpoints(self, run_id: str) -> tuple[list[int], int | None]:
+        """A run's saved checkpoint steps and its best one (None when unscored)."""
+        from trainer_core.checkpoints import list_checkpoints
+        from trainer_core.evaluate import best_checkpoint_for_run
+
+        run_dir = self._run_dir(run_id)
+        best = best_checkpoint_for_run(run_dir)
+        return [s for s, _ in list_checkpoints(run_dir / "checkpoints")], best["step"] if best else None
+
+    def export_checkpoint(self, run_id: str, step: int | None) -> dict[str, Any]:
+        """Checkpoint `step` of a run as a new adapter in the gallery (named `<adapter>-step<K>`)."""
+        import tempfile
+
+        from trainer_core.evaluate import export_checkpoint
+
+        run_dir = self._run_dir(run_id)
+        if step is None or step == "":
+            raise UserError("Pick the step of a saved checkpoint to export.")
+        self._check_not_training()  # the export loads the base model
+        with tempfile.TemporaryDirectory(prefix="export-", dir=self.data_dir / "outputs") as tmp:
+            folder = _engine_call(export_checkpoint, run_dir, int(step), Path(tmp) / "adapter")
+            return adapter_dict(self._store_call(self.store.add, folder))
+
+    def adapter_scores(self, name: str) -> dict[str, Any] | None:
+        """The scores an exported adapter's adapter.json carries (its checkpoint's round), if any."""
+        from trainer_core.adapters import read_adapter
+
+        return read_adapter(self._adapter_info(name).path).get("scores") or None
 
     def run_adapter(self, run_id: str) -> str:
         """The gallery name of a run's adapter."""

@@ -76,6 +76,21 @@ def loss_frame(metrics: list[dict[str, Any]]) -> pd.DataFrame:
     return typed_frame(rows, {"step": "int64", "loss": "float64", "series": "str"})
 
 
+# The scores' series in the plots and tables; PRES is the one where lower is better.
+SCORE_SERIES = {"dino": "dino", "clip_i": "clip_i", "clip_t": "clip_t", "pres": "pres (lower is better)"}
+
+
+def scores_frame(scores: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long-form scores of the scored rounds (runs.read_scores rows) for a line plot beside the loss."""
+    rows = [
+        (r["step"], r[key], label)
+        for r in scores
+        for key, label in SCORE_SERIES.items()
+        if isinstance(r.get(key), int | float)
+    ]
+    return typed_frame(rows, {"step": "int64", "score": "float64", "series": "str"})
+
+
 def status_html(snap: dict[str, Any]) -> str:
     state = snap.get("state", "idle")
     if state == "idle":
@@ -163,8 +178,16 @@ def adapter_markdown(a: dict[str, Any] | None) -> str:
         f"- trigger: `{esc(a.get('token') or '')}` · prompt: *{esc(a.get('instance_prompt') or '')}*\n"
         f"- base model: `{esc(a.get('base_model'))}` ({esc(a.get('architecture'))})\n"
         f"- rank {a.get('rank')} · alpha {a.get('alpha')} · {a.get('steps')} steps · final loss {loss}\n"
-        f"- created {esc(a.get('created'))}"
+        f"- created {esc(a.get('created'))}" + scores_line(a.get("scores"))
     )
+
+
+def scores_line(scores: dict[str, Any] | None) -> str:
+    """An adapter's scores (adapter.json `scores`) as one Markdown list item; empty when it has none."""
+    cells = [
+        f"{key} {scores[key]:.3f}" for key in SCORE_SERIES if isinstance((scores or {}).get(key), int | float)
+    ]
+    return ("\n- scores: " + " · ".join(cells) + " (PRES: lower is better)") if cells else ""
 
 
 # ---- Runs ---------------------------------------------------------------------------------------
@@ -180,6 +203,36 @@ def curves_frame(curves: list[dict[str, Any]]) -> pd.DataFrame:
         [[c["run"], c["step"], c["value"], c["smoothed"]] for c in curves],
         {"run": "str", "step": "int64", "value": "float64", "smoothed": "float64"},
     )
+
+
+SCORE_COLUMNS = ["run", "step", "dino", "clip_i", "clip_t", "pres", "best"]
+
+
+def score_rows(runs: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per run and scored step (Studio.run_scores), the run's best checkpoint marked."""
+    rows = []
+    for run in runs:
+        best = (run.get("best") or {}).get("step")
+        for r in run["scores"]:
+            mark = "★ best" if r["step"] == best else ""
+            rows.append([run["run"], r["step"], *(_cell(r.get(k)) for k in SCORE_SERIES), mark])
+    return rows
+
+
+def best_markdown(runs: list[dict[str, Any]]) -> str:
+    """Each ticked run's best checkpoint and the rule's reason, one line per run."""
+    lines = []
+    for run in runs:
+        best = run.get("best")
+        if best:
+            lines.append(
+                f"- **{esc(run['run'])}**: best checkpoint step {best['step']}: {esc(best['reason'])}."
+            )
+        elif run["scores"]:
+            lines.append(f"- **{esc(run['run'])}**: no saved checkpoint passes the rule.")
+        else:
+            lines.append(f"- **{esc(run['run'])}**: not scored (scores were off or no validation round ran).")
+    return "\n".join(lines)
 
 
 def _cell(value: Any) -> Any:

@@ -54,6 +54,8 @@ def wire_cross_tab(
         bind(on_gallery_changed, studios), [generate.adapter, generate.second_adapter], generate.pickers
     )
     runs.open.click(bind(on_open_run, studios), runs.pick, [*all_pickers, tabs])
+    # An exported checkpoint is a new adapter: every picker offers it, selected (the Gallery shows it).
+    runs.export.click(bind(on_export_checkpoint, studios), [runs.pick, runs.export_step], all_pickers)
 
 
 def on_load(studios: Studios, request: gr.Request):
@@ -85,3 +87,12 @@ def on_open_run(studios: Studios, request: gr.Request, run_id):
     if not run_id:
         raise UserError("Pick a run first.")
     return (*adapter_pickers(studio, studio.run_adapter(run_id)), gr.Tabs(selected="generate"))
+
+
+def on_export_checkpoint(studios: Studios, request: gr.Request, run_id, step):
+    studio = studios.get(request)
+    if not run_id:
+        raise UserError("Pick a run first.")
+    info = studio.export_checkpoint(run_id, step)
+    gr.Info(f"Exported step {step} of {run_id} as the adapter {info['name']}.")
+    return adapter_pickers(studio, info["name"])

@@ -80,11 +80,11 @@ def screenshot(driver, path: Path) -> None:
     driver.set_window_size(1400, 1100)
 
 
-def plot_points(driver) -> int:
-    """Points on the longest line of the loss plot (Vega draws a line as one SVG path: M, then L per point)."""
+def plot_points(driver, elem_id: str = "loss-plot") -> int:
+    """Points on the longest line of a plot (Vega draws a line as one SVG path: M, then L per point)."""
     from selenium.webdriver.common.by import By
 
-    paths = driver.find_elements(By.CSS_SELECTOR, "#loss-plot g.mark-line path")
+    paths = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} g.mark-line path")
     return max((p.get_attribute("d").count("L") + 1 for p in paths if p.get_attribute("d")), default=0)
 
 
@@ -163,6 +163,22 @@ def check_the_page_fits_a_phone(driver) -> None:
         driver.set_window_size(1400, 1100)
 
 
+def pick_option(driver, elem_id: str, option: str) -> None:
+    """Choose `option` in a Gradio dropdown: open it, then click the option in its list."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input").click()
+    wait_until(
+        lambda: [
+            o
+            for o in driver.find_elements(By.CSS_SELECTOR, "ul[role=listbox] li")
+            if o.text.strip() == option
+        ],
+        30,
+        f"option {option}",
+    )[0].click()
+
+
 def click_tab(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
@@ -238,7 +254,13 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         )
         assert "Estimate" in d.find_element(By.ID, "plan").text
         set_number(d, "adv-class-images", 2)
-        set_number(d, "adv-validation-steps", 0)
+        # Scored validation rounds (issue 17): offline, "auto" says in one line why scores are off;
+        # the tiny models score every 10th step, each round a checkpoint the best can be picked from.
+        wait_until(lambda: "Scores are off" in d.find_element(By.ID, "eval-note").text, 60, "scores off")
+        pick_option(d, "adv-eval-models", "tiny")
+        wait_until(lambda: "tiny random models" in d.find_element(By.ID, "eval-note").text, 60, "scores on")
+        set_number(d, "adv-validation-steps", 10)
+        set_number(d, "adv-checkpointing-steps", 10)
         time.sleep(0.5)
         d.find_element(By.ID, "start-btn").click()
         wait_until(lambda: studio.training_status()["state"] == "running", 120, "job running")
@@ -246,6 +268,9 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         # The timer redraws the plot while the job runs: its lines gain points from one poll to a later one.
         first = wait_until(lambda: plot_points(d) >= 2 and plot_points(d), 240, "plot points")
         wait_until(lambda: plot_points(d) > first, 120, "the plot gaining points")
+        # The scores plot beside the loss gains a point per scored round while the run goes on.
+        wait_until(lambda: plot_points(d, "scores-plot") >= 2, 240, "two scored rounds plotted")
+        assert len(d.find_elements(By.CSS_SELECTOR, "#scores-plot g.mark-line path")) == 4
         assert studio.training_status()["state"] == "running"
         d.find_element(By.ID, "stop-btn").click()
         wait_until(lambda: studio.training_status()["state"] in ("stopped", "failed"), 240, "job stopped")
@@ -346,8 +371,31 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(lambda: lines() == 1 and legend_runs() == [other], 60, "the other run's line")
         tick(run_id)
         wait_until(lambda: lines() == 2, 60, "two lines again")
+        # Scores per step of the ticked runs, each run's best checkpoint marked with the rule's reason.
+        best = studio.run_checkpoints(run_id)[1]
+        assert best is not None
+        wait_until(lambda: "★ best" in d.find_element(By.ID, "runs-scores").text, 60, "best marked")
+        wait_until(
+            lambda: f"best checkpoint step {best}" in d.find_element(By.ID, "runs-best").text,
+            60,
+            "best named",
+        )
         screenshot(d, shots / "5-runs.png")
-        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs"):
+        # Export the picked run's best checkpoint: a new adapter, selected in the Gallery with its scores.
+        picked = d.find_element(By.CSS_SELECTOR, "#export-step input").get_attribute("value")
+        assert picked.endswith("★ best"), picked
+        d.find_element(By.ID, "export-btn").click()
+        step = picked.split()[0]
+        exported = wait_until(
+            lambda: [a["name"] for a in studio.list_adapters() if a["name"].endswith(f"-step{step}")],
+            120,
+            "export",
+        )[0]
+        click_tab(d, "Gallery")
+        wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
+        wait_until(lambda: "scores: dino" in d.find_element(By.ID, "gallery-details").text, 60, "its scores")
+        screenshot(d, shots / "6-gallery-scores.png")
+        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs", "6-gallery-scores"):
             assert (shots / f"{shot}.png").stat().st_size > 10_000
     finally:
         studio.runner.stop()

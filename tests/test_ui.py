@@ -67,3 +67,24 @@ def test_generate_picks_a_random_seed_unless_one_is_given(tmp_path):
     assert generate.caption(kwargs).startswith(f"seed {kwargs['seed']} · no adapter")
     values[tab.settings["seed"]] = 7
     assert generate.request_of(tab, values)["seed"] == 7
+
+
+def test_scores_views():
+    """Scores (issue 17): four series for the plot beside the loss, a table with each run's best step
+    marked and its reason, and an adapter's scores in the Gallery (none when it has none)."""
+    from dreambooth_ui.views import best_markdown, score_rows, scores_frame, scores_line
+
+    rows = [{"step": s, "dino": 0.5 + s / 100, "clip_i": 0.7, "clip_t": 0.3, "pres": 0.4} for s in (10, 20)]
+    frame = scores_frame(rows)
+    assert len(frame) == 8 and sorted(set(frame["step"])) == [10, 20]
+    assert "pres (lower is better)" in set(frame["series"])
+    runs = [
+        {"run": "a", "scores": rows, "best": {"step": 20, "reason": "highest dino (0.700)"}},
+        {"run": "b", "scores": [], "best": None},
+    ]
+    table = score_rows(runs)
+    assert [r[1] for r in table] == [10, 20] and [r[-1] for r in table] == ["", "★ best"]
+    text = best_markdown(runs)
+    assert "**a**: best checkpoint step 20: highest dino (0.700)." in text and "**b**: not scored" in text
+    assert scores_line({"dino": 0.61234, "clip_i": None}) == "\n- scores: dino 0.612 (PRES: lower is better)"
+    assert scores_line(None) == ""

@@ -68,6 +68,7 @@ def on_select(studios: Studios, request: gr.Request, name, deleted):
     pics = [str(p) for p in sorted((folder / "samples").rglob("*.png"))][:12]
     downloads = [str(p) for p in sorted(folder.glob("*.safetensors"))]
     downloads.append(str(studio.export_adapter(name)))
+    info = {**info, "scores": studio.adapter_scores(name)}  # an exported checkpoint's round
     return adapter_markdown(info), pics, downloads, trash
 
 

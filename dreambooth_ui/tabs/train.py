@@ -1,5 +1,5 @@
 """Train tab: the preset for the prepared set, advanced settings, start / stop / resume, and the live
-view of the one job (status line, loss plot, validation images) polled by a timer."""
+view of the one job (status line, loss plot, scores plot, validation images) polled by a timer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import gradio as gr
 from trainer_core.config import EVAL_MODELS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS
 
 from ..studio import Studios, UserError
-from ..views import loss_frame, plan_markdown, sample_items, status_html
+from ..views import loss_frame, plan_markdown, sample_items, scores_frame, status_html
 from . import bind
 from .photos import PhotosTab
 
@@ -52,6 +52,7 @@ class TrainTab:
     settings: dict[str, gr.components.Component]  # TrainConfig field -> its box under "Advanced"
     status: gr.HTML
     plot: gr.LinePlot
+    scores: gr.LinePlot  # dino, clip_i, clip_t, pres of each scored validation round
     samples: gr.Gallery
     resume: gr.Button
     go_generate: gr.Button
@@ -64,6 +65,7 @@ class TrainTab:
         return [
             self.status,
             self.plot,
+            self.scores,
             self.samples,
             self.resume,
             self.go_generate,
@@ -108,19 +110,30 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
                 x_title="step",
                 y_title="loss",
             )
-            samples = gr.Gallery(label="Validation images", columns=2, height=320, elem_id="samples")
+            scores = gr.LinePlot(
+                x="step", y="score", color="series", title="Scores (each validation round)", show_label=False,
+                height=320, elem_id="scores-plot", x_title="step", y_title="score",
+            )  # fmt: skip
+        eval_note = gr.Markdown(elem_id="eval-note")
+        samples = gr.Gallery(label="Validation images", columns=4, height=320, elem_id="samples")
         timer = gr.Timer(POLL_SECONDS, active=False)
         finished = gr.Textbox(visible=False)
 
     tab = TrainTab(
         dataset=dataset, subject=photos.subject, token=photos.token, noun=photos.noun, base_model=base_model,
-        preset=preset, adapter_name=adapter_name, plan=plan, settings=settings, status=status, plot=plot, samples=samples,
-        resume=resume, go_generate=go_generate, finished=finished, timer=timer,
+        preset=preset, adapter_name=adapter_name, plan=plan, settings=settings, status=status, plot=plot, scores=scores,
+        samples=samples, resume=resume, go_generate=go_generate, finished=finished, timer=timer,
     )  # fmt: skip
     for trigger in (dataset.change, photos.subject.change, base_model.change, preset.change):
         trigger(
-            bind(on_plan, studios, tab), tab.plan_inputs, [plan, *settings.values()], api_visibility="private"
-        )
+            bind(on_plan, studios, tab), tab.plan_inputs, [plan, eval_note, *settings.values()],
+            api_visibility="private",
+        )  # fmt: skip
+    # Whether the rounds will be scored: the preset's setting (above), then the person's choice. Not
+    # `change`: a box in the closed accordion is not drawn yet, and a preset filling it fires nothing.
+    settings["eval_models"].input(
+        bind(on_eval_note, studios), settings["eval_models"], eval_note, api_visibility="private"
+    )
     photos.dataset.change(bind(on_prepared, studios), photos.dataset, dataset)
     # The estimate follows the settings as the person edits them (`input`: not when a preset fills them).
     estimate_inputs = {*tab.plan_inputs, adapter_name, *settings.values()}
@@ -167,7 +180,9 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
         boxes["validation_steps"] = gr.Number(
             label="Validation every N steps (0: at the end)", precision=0, elem_id="adv-validation-steps"
         )
-        boxes["checkpointing_steps"] = gr.Number(label="Checkpoint every N steps", precision=0)
+        boxes["checkpointing_steps"] = gr.Number(
+            label="Checkpoint every N steps", precision=0, elem_id="adv-checkpointing-steps"
+        )
     # The craft options of kohya_ss / OneTrainer / diffusers' advanced script (docs/cli.md explains each).
     with gr.Row():
         boxes["lr_scheduler"] = gr.Dropdown(list(LR_SCHEDULERS), label="LR schedule")
@@ -183,7 +198,9 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
         boxes["random_flip"] = gr.Checkbox(label="Random flip")
         boxes["noise_offset"] = gr.Number(label="Noise offset")
         boxes["snr_gamma"] = gr.Number(label="Min-SNR gamma (empty: off)")
-        boxes["eval_models"] = gr.Dropdown(list(EVAL_MODELS), label="Scores (CLIP/DINO) each validation")
+        boxes["eval_models"] = gr.Dropdown(
+            list(EVAL_MODELS), label="Scores (CLIP/DINO) each validation", elem_id="adv-eval-models"
+        )
     return boxes
 
 
@@ -207,6 +224,7 @@ def render(snap: dict[str, Any], *, poll: bool | None = None) -> tuple:
         # No value at all until there are points: a plot first given an empty frame keeps an
         # empty colour domain and never draws its lines.
         loss_frame(metrics) if metrics else None,
+        scores_frame(snap["scores"]) if snap.get("scores") else None,
         sample_items(snap),
         gr.Button(visible=bool(snap.get("resumable"))),
         gr.Button(visible=bool(snap.get("adapter_name")) and state in ("finished", "stopped")),
@@ -230,11 +248,15 @@ def on_plan(studios: Studios, tab: TrainTab, request: gr.Request, ds, subject, t
     studio = studios.get(request)
     if not ds:
         return ("Prepare photos first; the settings follow from the subject type and photo count.",
-                *[gr.skip()] * len(tab.settings))  # fmt: skip
+                gr.skip(), *[gr.skip()] * len(tab.settings))  # fmt: skip
     config = studio.plan_training(
         ds, subject_type=subject, token=token, class_noun=noun, **preset_overrides(preset, base)
     )
-    return (_plan_text(studio, config, preset, ds, subject), *[getattr(config, key) for key in tab.settings])
+    return (
+        _plan_text(studio, config, preset, ds, subject),
+        studio.eval_note(config.eval_models),
+        *[getattr(config, key) for key in tab.settings],
+    )
 
 
 def on_estimate(studios: Studios, tab: TrainTab, request: gr.Request, values: dict):
@@ -247,6 +269,10 @@ def on_estimate(studios: Studios, tab: TrainTab, request: gr.Request, values: di
     except UserError as e:
         return f"**Not ready to start:** {e}"
     return _plan_text(studio, config, values[tab.preset], values[tab.dataset], values[tab.subject])
+
+
+def on_eval_note(studios: Studios, request: gr.Request, eval_models):
+    return studios.get(request).eval_note(eval_models)
 
 
 def on_prepared(studios: Studios, request: gr.Request, ds):
