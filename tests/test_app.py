@@ -56,7 +56,8 @@ def test_whole_flow_over_http(app_client, tmp_path):
     )
     assert report["dataset"] == "my-dog"
     assert len(report["accepted"]) == 4
-    assert [r["source"] for r in report["rejected"]] == ["004-notes.txt"]
+    # the name the person gave it (uploads keep their names; only prepared photos are numbered)
+    assert [r["source"] for r in report["rejected"]] == ["notes.txt"]
     # The uploads were copied out of Gradio's temporary cache at once; the accepted photos are kept
     # in the set's originals/, the rejected file is not kept at all (issue 14).
     assert len(list((studio.data_dir / "datasets" / "my-dog" / "originals").iterdir())) == 4
