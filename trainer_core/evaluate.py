@@ -211,13 +211,16 @@ def _load_pair(clip_loc: str, dino_loc: str, *, local_only: bool, label: str) ->
     from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
 
     kw: dict[str, Any] = dict(local_files_only=local_only)
+    # PIL image processors, named explicitly: transformers' default backend is torchvision, which has
+    # no CPU build here and which this project does not install.
+    pil = dict(kw, backend="pil")
     with torch.random.fork_rng(devices=[]):  # weights a file lacks (a pooler) are drawn at random
         return EvalModels(
             clip=CLIPModel.from_pretrained(clip_loc, **kw).eval(),
             clip_tokenizer=CLIPTokenizer.from_pretrained(clip_loc, **kw),
-            clip_processor=AutoImageProcessor.from_pretrained(clip_loc, **kw),
+            clip_processor=AutoImageProcessor.from_pretrained(clip_loc, **pil),
             dino=ViTModel.from_pretrained(dino_loc, add_pooling_layer=False, **kw).eval(),
-            dino_processor=AutoImageProcessor.from_pretrained(dino_loc, **kw),
+            dino_processor=AutoImageProcessor.from_pretrained(dino_loc, **pil),
             label=label,
         )
 
