@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import EVAL_MODELS
+
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
 
 
@@ -493,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="The run folder.")
     p.add_argument(
         "--eval-models",
-        choices=["auto", "tiny", "none"],
+        choices=list(EVAL_MODELS),
         default=None,
         help="auto: the real CLIP and DINO models (cached or downloaded); tiny: tiny random models "
         "(offline, for trying the flow); none: off (default: the run's setting).",
