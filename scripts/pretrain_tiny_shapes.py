@@ -225,6 +225,7 @@ def train_unet(
     log,
     on_save,
     noise_offset: float = 0.1,
+    round_: int = 0,
 ) -> None:
     """Epsilon prediction on SD 1.5's schedule; 10% of captions dropped to "" (the last embedding).
 
@@ -238,7 +239,7 @@ def train_unet(
     average of the weights (decay 0.995), which is what gets saved: both make the most of the few
     thousand steps a CPU affords.
     """
-    gen = torch.Generator().manual_seed(seed + 200)
+    gen = torch.Generator().manual_seed(seed + 200 + 1000 * round_)  # a new batch order per round
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
     alphas = scheduler.alphas_cumprod
     empty = len(prompt_embeds) - 1
@@ -317,6 +318,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48, help="UNet batch size.")
     parser.add_argument("--noise-offset", type=float, default=0.1, help="Offset noise of the UNet stage.")
     parser.add_argument(
+        "--unet-from",
+        type=Path,
+        default=None,
+        help="Start the UNet from an earlier run's (averaged) weights: a second round of --unet-steps.",
+    )
+    parser.add_argument(
         "--vae-from",
         type=Path,
         default=None,
@@ -381,6 +388,8 @@ def main() -> None:
             seed=args.seed,
             vae_steps=args.vae_steps,
             noise_offset=args.noise_offset,
+            unet_from=str(args.unet_from) if args.unet_from else None,
+            vae_from=str(args.vae_from) if args.vae_from else None,
             unet_steps=step,
             unet_schedule_steps=args.unet_steps,
             batch=args.batch,
@@ -394,6 +403,11 @@ def main() -> None:
         log(f"saved {args.out} at unet step {step}")
         return step >= last
 
+    if args.unet_from:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.unet_from / "unet")
+        log(f"UNet from {args.unet_from}")
     train_unet(
         unet,
         latents * scaling,
@@ -406,6 +420,7 @@ def main() -> None:
         log,
         save,
         noise_offset=args.noise_offset,
+        round_=1 if args.unet_from else 0,
     )
     log("done")
     if args.evaluate:
