@@ -163,6 +163,19 @@ def check_the_page_fits_a_phone(driver) -> None:
         driver.set_window_size(1400, 1100)
 
 
+CARDS = "#gallery-cards button[data-adapter]"
+
+
+def cards(driver) -> dict[str, dict]:
+    """The Gallery's adapter cards as a person sees them: text, pressed or not, image drawn."""
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll(arguments[0])].map(c => [c.dataset.adapter,"
+        " {text: c.innerText, pressed: c.getAttribute('aria-pressed') === 'true',"
+        "  image: [...c.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0)}]))",
+        CARDS,
+    )
+
+
 def pick_option(driver, elem_id: str, option: str) -> None:
     """Choose `option` in a Gradio dropdown: open it, then click the option in its list."""
     from selenium.webdriver.common.by import By
@@ -322,14 +335,26 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         screenshot(d, shots / "3-generate.png")
 
         click_tab(d, "Gallery")
+        # The gallery is a grid of cards (issue 15, item 10): the new adapter's card, clicked, is the
+        # selection the details, downloads and actions beside it are about.
+        card = wait_until(
+            lambda: d.find_elements(By.CSS_SELECTOR, f"{CARDS}[data-adapter='{name}']"), 120, "card"
+        )
+        wait_until(
+            lambda: cards(d)[name]["image"] and re.search(r"\d+ steps", cards(d)[name]["text"]), 60, "card"
+        )
+        card[0].click()
+        wait_until(lambda: cards(d)[name]["pressed"], 60, "the card selected")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 120, "gallery details")
+        wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
         screenshot(d, shots / "4-gallery.png")
         # Delete, then Restore at once: an undo, with nothing else to pick first (issue 15, item 10).
         d.find_element(By.ID, "delete-btn").click()
         wait_until(lambda: name not in [a["name"] for a in studio.list_adapters()], 60, "deleted")
-        time.sleep(1)  # the page applies the delete's outputs (the trash picker) before the next click
+        wait_until(lambda: name not in cards(d), 60, "its card gone")
         d.find_element(By.ID, "restore-btn").click()
         wait_until(lambda: name in [a["name"] for a in studio.list_adapters()], 60, "restored")
+        wait_until(lambda: name in cards(d) and cards(d)[name]["pressed"], 60, "its card back, selected")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 60, "restored shown")
         # A second run to overlay: the first one's folder again under another id (its data is real).
         run_id = studio.training_status()["run_id"]
@@ -392,6 +417,9 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             "export",
         )[0]
         click_tab(d, "Gallery")
+        wait_until(
+            lambda: exported in cards(d) and cards(d)[exported]["pressed"], 60, "exported card selected"
+        )
         wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
         wait_until(lambda: "scores: dino" in d.find_element(By.ID, "gallery-details").text, 60, "its scores")
         screenshot(d, shots / "6-gallery-scores.png")
@@ -401,3 +429,74 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         studio.runner.stop()
         studio.runner.wait(60)
         demo.close()
+
+
+# ---- The Gallery, Generate's progress and the phone layout, on an app with adapters already saved ----
+
+
+@pytest.fixture(scope="module")
+def gallery_app(tiny_model, tmp_path_factory):
+    """The app with two real adapters in its gallery (written by save_adapter, no training run)."""
+    from lora_fixtures import lora_adapter
+
+    src = tmp_path_factory.mktemp("adapter-sources")
+    demo, url, studio = launch_app(tmp_path_factory.mktemp("gallery-data"), "tiny-sd15")
+    try:
+        for seed, name, token, created in (
+            (1, "sks-dog", "sks", "2026-01-01T10:00:00+0000"),
+            (2, "zwx-cat", "zwx", "2026-02-01T10:00:00+0000"),
+        ):
+            folder = lora_adapter(tiny_model, src / name, seed, with_samples=True, created=created,
+                                  token=token, instance_prompt=f"a photo of {token} pet", steps=40 * seed)  # fmt: skip
+            studio.store.add(folder)
+        yield url, studio
+    finally:
+        demo.close()
+
+
+def test_the_gallery_is_a_grid_of_cards(browser, gallery_app, tmp_path):
+    """Issue 15 item 10: each adapter is a card (sample image, name, trigger, base, steps, date);
+    a click or the keyboard selects one; downloads are buttons (no "×"), and Undo follows Delete."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, studio = gallery_app
+    d = browser
+    d.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Gallery")
+    shown = wait_until(lambda: len(cards(d)) == 2 and cards(d), 60, "two adapter cards")
+    for name, token, steps, day in (
+        ("sks-dog", "sks", 40, "2026-01-01"),
+        ("zwx-cat", "zwx", 80, "2026-02-01"),
+    ):
+        text = shown[name]["text"]
+        assert name in text and token in text and f"{steps} steps" in text and day in text, text
+        assert "tiny-sd15" in text or "tiny" in text.lower(), text  # the base model, by name
+        assert shown[name]["image"], name
+    # The newest is selected when the page opens.
+    wait_until(lambda: [n for n, c in cards(d).items() if c["pressed"]] == ["zwx-cat"], 30, "newest pressed")
+    wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "details")
+    d.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='sks-dog']").click()
+    wait_until(lambda: "sks-dog" in d.find_element(By.ID, "gallery-details").text, 30, "clicked card shown")
+    assert [n for n, c in cards(d).items() if c["pressed"]] == ["sks-dog"]
+    # The keyboard: a card is a button, Enter selects it.
+    d.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='zwx-cat']").send_keys(Keys.ENTER)
+    wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "card chosen by key")
+    # Downloads are labelled buttons, nothing in the panel looks like a delete "×"; the zip arrives.
+    labels = [
+        b.text for b in d.find_elements(By.CSS_SELECTOR, "#gallery-downloads button") if b.is_displayed()
+    ]
+    assert len(labels) == 3 and all("Download" in t or "download" in t for t in labels), labels
+    assert "×" not in d.find_element(By.ID, "gallery-downloads").text
+    d.find_element(By.CSS_SELECTOR, "#download-zip button, button#download-zip").click()
+    zipped = wait_until(lambda: list(tmp_path.glob("zwx-cat*.zip")), 60, "the zip downloaded")
+    assert zipped[0].stat().st_size > 1000
+    # Delete, then Undo at once: the card goes and comes back, selected.
+    d.find_element(By.ID, "delete-btn").click()
+    wait_until(lambda: list(cards(d)) == ["sks-dog"], 60, "the card gone")
+    d.find_element(By.ID, "restore-btn").click()
+    wait_until(lambda: sorted(cards(d)) == ["sks-dog", "zwx-cat"], 60, "the card back")
+    wait_until(lambda: cards(d)["zwx-cat"]["pressed"], 30, "the restored card selected")
+    assert "zwx-cat" in d.find_element(By.ID, "gallery-details").text

@@ -88,3 +88,27 @@ def test_scores_views():
     assert "**a**: best checkpoint step 20: highest dino (0.700)." in text and "**b**: not scored" in text
     assert scores_line({"dino": 0.61234, "clip_i": None}) == "\n- scores: dino 0.612 (PRES: lower is better)"
     assert scores_line(None) == ""
+
+
+def test_gallery_cards_show_each_adapter_and_the_selection():
+    """Issue 15 item 10: a card per adapter (image, name, trigger, base model, steps, date), the selected
+    one pressed; text from adapter.json is escaped; no adapters: a line saying how to get one."""
+    from dreambooth_ui.views import adapter_cards
+
+    adapters = [
+        {"name": "sks-dog", "token": "sks", "base_model": "/data/models/tiny-sd15", "architecture": "sd15",
+         "steps": 40, "created": "2026-01-01T10:00:00+0000"},
+        {"name": "zwx-cat", "token": "<b>", "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+         "architecture": "sdxl", "steps": 800, "created": "2026-02-01T11:30:00+0000"},
+    ]  # fmt: skip
+    html = adapter_cards(adapters, "zwx-cat", {"sks-dog": "data:image/jpeg;base64,AAAA"})
+    assert html.count('<button type="button" class="adapter-card"') == 2
+    assert (
+        'data-adapter="sks-dog" data-index="0" aria-pressed="false"><img src="data:image/jpeg;base64,AAAA"'
+        in html
+    )
+    assert 'data-adapter="zwx-cat" data-index="1" aria-pressed="true"><span class="no-sample">' in html
+    for text in ("tiny-sd15 · SD 1.5", "40 steps</span><span class=\"card-meta\">2026-01-01 10:00", "<code>sks</code>", "<code>&lt;b&gt;</code>",
+                 "stabilityai/stable-diffusion-xl-base-1.0 · SDXL", "2026-02-01 11:30"):  # fmt: skip
+        assert text in html, text
+    assert "No adapters yet" in adapter_cards([], None, {})
