@@ -500,3 +500,30 @@ def test_the_gallery_is_a_grid_of_cards(browser, gallery_app, tmp_path):
     wait_until(lambda: sorted(cards(d)) == ["sks-dog", "zwx-cat"], 60, "the card back")
     wait_until(lambda: cards(d)["zwx-cat"]["pressed"], 30, "the restored card selected")
     assert "zwx-cat" in d.find_element(By.ID, "gallery-details").text
+
+
+# Every text the progress display shows while a request runs (it may last only a moment).
+WATCH_PROGRESS_JS = """
+window.progressSeen = [];
+new MutationObserver(() => document.querySelectorAll('.progress-level-inner, .progress-text').forEach(
+  e => window.progressSeen.push(e.innerText))).observe(document.body,
+  {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_generate_shows_step_progress(browser, gallery_app):
+    """Issue 15 item 6: while images are sampled the page counts the sampler's steps."""
+    from selenium.webdriver.common.by import By
+
+    url, _ = gallery_app
+    d = browser
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Generate")
+    wait_until(lambda: "a photo of" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"),
+               60, "prompt")  # fmt: skip
+    d.execute_script(WATCH_PROGRESS_JS)
+    d.find_element(By.ID, "generate-btn").click()
+    wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
+    seen = d.execute_script("return window.progressSeen")
+    assert any(re.search(r"\b\d+/25\b", t) for t in seen), sorted(set(seen))[:20]

@@ -90,6 +90,34 @@ def test_scores_views():
     assert scores_line(None) == ""
 
 
+def test_generate_reports_the_samplers_steps(tmp_path):
+    """Issue 15 item 6: the Generate handler drives the page's progress bar from the sampler's steps
+    (a real generation on tiny-sd15)."""
+    import gradio as gr
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import generate
+
+    studios = Studios(tmp_path, base_model="tiny-sd15")
+    with gr.Blocks():
+        tab = generate.build(studios)
+    values = {box: None for box in tab.settings.values()}
+    values.update({tab.settings[k]: v for k, v in (
+        ("prompt", "a photo of sks dog"), ("adapter", ""), ("second_adapter", ""), ("adapter_weight", 1.0),
+        ("second_weight", 0.5), ("negative_prompt", ""), ("steps", 3), ("guidance", 7.5), ("seed", 5),
+        ("width", 0), ("height", 0), ("num_images", 1))})  # fmt: skip
+    values[tab.past] = []
+    seen = []
+
+    def progress(value, desc=None, total=None, unit="steps"):
+        seen.append((value, desc, unit))
+
+    images, _history, _past = generate.on_generate(studios, tab, None, values, progress=progress)
+    assert len(images) == 1
+    assert [v for v, desc, unit in seen if isinstance(v, tuple)] == [(1, 3), (2, 3), (3, 3)]
+    assert {desc for v, desc, _ in seen if isinstance(v, tuple)} == {"Sampling"}
+
+
 def test_gallery_cards_show_each_adapter_and_the_selection():
     """Issue 15 item 10: a card per adapter (image, name, trigger, base model, steps, date), the selected
     one pressed; text from adapter.json is escaped; no adapters: a line saying how to get one."""
