@@ -527,3 +527,44 @@ def test_generate_shows_step_progress(browser, gallery_app):
     wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
     seen = d.execute_script("return window.progressSeen")
     assert any(re.search(r"\b\d+/25\b", t) for t in seen), sorted(set(seen))[:20]
+
+
+# Each box of a container: its width against the container's (1.0: a box on a line of its own).
+WIDTHS_JS = """
+const box = document.querySelector(arguments[0]).getBoundingClientRect();
+return [...document.querySelectorAll(arguments[1])].filter(e => e.offsetParent !== null)
+  .map(e => [e.id || e.innerText.split('\\n')[0].slice(0, 30), e.getBoundingClientRect().width / box.width]);
+"""
+
+
+def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app):
+    """At 420 px the Train tab's advanced settings take a line each (not three squeezed to a row with
+    a scroll bar), and the Train and Runs plots stack instead of sharing the width."""
+    from selenium.webdriver.common.by import By
+
+    url, _ = gallery_app
+    d = browser
+    d.set_window_size(420, 1100)
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Train")
+    d.find_element(By.CSS_SELECTOR, "#advanced button").click()
+    wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
+    time.sleep(0.5)
+    narrow = {}
+    settings = d.execute_script(WIDTHS_JS, "#advanced", "#advanced .block")
+    narrow["settings"] = [name for name, share in settings if share < 0.85]
+    plots = d.execute_script(WIDTHS_JS, "#status-line", "#loss-plot, #scores-plot, #samples")
+    narrow["train plots"] = [name for name, share in plots if share < 0.85]
+    click_tab(d, "Runs")
+    wait_until(lambda: d.find_element(By.ID, "runs-plot").is_displayed(), 60, "runs tab")
+    time.sleep(0.5)
+    plots = d.execute_script(WIDTHS_JS, "#runs-table", "#runs-plot, #runs-images")
+    narrow["runs plots"] = [name for name, share in plots if share < 0.85]
+    overflow = d.execute_script(
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth"
+    )
+    assert narrow == {"settings": [], "train plots": [], "runs plots": []} and not overflow, (
+        narrow,
+        overflow,
+    )
