@@ -89,7 +89,7 @@ def build(studios: Studios) -> GalleryTab:
             with gr.Row():
                 deleted = gr.Dropdown([], label="Deleted adapters", scale=2, elem_id="trash-pick")
                 restore = gr.Button("Restore (undo)", scale=1, elem_id="restore-btn")
-            samples = gr.Gallery(label="Samples", columns=3, height=240, elem_id="gallery-samples")
+            samples = gr.Gallery(label="Samples", columns=4, height=240, elem_id="gallery-samples")
             with gr.Accordion("Push to the Hugging Face Hub", open=False):
                 repo = gr.Textbox(label="Repository", placeholder="your-name/sks-dog-lora")
                 hf_token = gr.Textbox(label="Access token (write)", type="password")
