@@ -67,6 +67,12 @@ def set_number(driver, elem_id: str, value) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
+def shots_dir(tmp_path: Path) -> Path:
+    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
 def screenshot(driver, path: Path) -> None:
     """The whole page at 1400 px and at a phone's 420 px (`<name>-420.png`): the window grows to
     the page's height for each shot."""
@@ -193,21 +199,24 @@ def pick_option(driver, elem_id: str, option: str) -> None:
 
 
 def click_tab(driver, label: str) -> None:
+    """Open a tab (once the page's first load no longer covers the tab bar with its spinner)."""
     from selenium.webdriver.common.by import By
 
-    for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
-        if tab.text.strip().endswith(label):
-            tab.click()
-            return
-    raise AssertionError(f"no tab {label}")
+    def click():
+        for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
+            if tab.text.strip().endswith(label):
+                tab.click()  # raises while something is drawn over it: tried again
+                return True
+        raise AssertionError(f"no tab {label}")
+
+    wait_until(click, 60, f"the {label} tab")
 
 
 def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = shots_dir(tmp_path)
     demo, url, studio = launch_app(tmp_path / "data", "tiny-sd15")
     try:
         d = browser
@@ -484,6 +493,8 @@ def test_the_gallery_is_a_grid_of_cards(browser, gallery_app, tmp_path):
     # The keyboard: a card is a button, Enter selects it.
     d.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='zwx-cat']").send_keys(Keys.ENTER)
     wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "card chosen by key")
+    wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
+    screenshot(d, shots_dir(tmp_path) / "gallery-cards.png")
     # Downloads are labelled buttons, nothing in the panel looks like a delete "×"; the zip arrives.
     labels = [
         b.text for b in d.find_elements(By.CSS_SELECTOR, "#gallery-downloads button") if b.is_displayed()
@@ -511,7 +522,7 @@ new MutationObserver(() => document.querySelectorAll('.progress-level-inner, .pr
 """
 
 
-def test_generate_shows_step_progress(browser, gallery_app):
+def test_generate_shows_step_progress(browser, gallery_app, tmp_path):
     """Issue 15 item 6: while images are sampled the page counts the sampler's steps."""
     from selenium.webdriver.common.by import By
 
@@ -524,9 +535,14 @@ def test_generate_shows_step_progress(browser, gallery_app):
                60, "prompt")  # fmt: skip
     d.execute_script(WATCH_PROGRESS_JS)
     d.find_element(By.ID, "generate-btn").click()
-    wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 120, "generated image")
-    seen = d.execute_script("return window.progressSeen")
-    assert any(re.search(r"\b\d+/25\b", t) for t in seen), sorted(set(seen))[:20]
+
+    def counted():
+        return any(re.search(r"\b\d+/25\b", t) for t in d.execute_script("return window.progressSeen"))
+
+    wait_until(lambda: counted() or d.find_elements(By.CSS_SELECTOR, "#images img"), 300, "progress or image")
+    d.save_screenshot(str(shots_dir(tmp_path) / "generate-sampling.png"))  # the bar, if still there
+    wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 300, "generated image")
+    assert counted(), sorted(set(d.execute_script("return window.progressSeen")))[:20]
 
 
 # Each box of a container: its width against the container's (1.0: a box on a line of its own).
@@ -537,7 +553,7 @@ return [...document.querySelectorAll(arguments[1])].filter(e => e.offsetParent !
 """
 
 
-def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app):
+def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app, tmp_path):
     """At 420 px the Train tab's advanced settings take a line each (not three squeezed to a row with
     a scroll bar), and the Train and Runs plots stack instead of sharing the width."""
     from selenium.webdriver.common.by import By
@@ -548,7 +564,7 @@ def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app):
     d.get(url)
     wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
     click_tab(d, "Train")
-    d.find_element(By.CSS_SELECTOR, "#advanced button").click()
+    wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#advanced button"), 60, "advanced settings").click()
     wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
     time.sleep(0.5)
     narrow = {}
@@ -556,6 +572,8 @@ def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app):
     narrow["settings"] = [name for name, share in settings if share < 0.85]
     plots = d.execute_script(WIDTHS_JS, "#status-line", "#loss-plot, #scores-plot, #samples")
     narrow["train plots"] = [name for name, share in plots if share < 0.85]
+    screenshot(d, shots_dir(tmp_path) / "train-advanced.png")
+    d.set_window_size(420, 1100)
     click_tab(d, "Runs")
     wait_until(lambda: d.find_element(By.ID, "runs-plot").is_displayed(), 60, "runs tab")
     time.sleep(0.5)
