@@ -182,6 +182,21 @@ def cards(driver) -> dict[str, dict]:
     )
 
 
+def press_card(driver, name: str, *keys: str) -> None:
+    """Click an adapter's card (or send it `keys`), again if the grid was redrawn under the pointer."""
+    from selenium.webdriver.common.by import By
+
+    def press():
+        card = driver.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='{name}']")
+        if keys:
+            card.send_keys(*keys)
+        else:
+            card.click()
+        return True
+
+    wait_until(press, 60, f"the card of {name}")
+
+
 def pick_option(driver, elem_id: str, option: str) -> None:
     """Choose `option` in a Gradio dropdown: open it, then click the option in its list."""
     from selenium.webdriver.common.by import By
@@ -346,13 +361,10 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         click_tab(d, "Gallery")
         # The gallery is a grid of cards (issue 15, item 10): the new adapter's card, clicked, is the
         # selection the details, downloads and actions beside it are about.
-        card = wait_until(
-            lambda: d.find_elements(By.CSS_SELECTOR, f"{CARDS}[data-adapter='{name}']"), 120, "card"
-        )
         wait_until(
-            lambda: cards(d)[name]["image"] and re.search(r"\d+ steps", cards(d)[name]["text"]), 60, "card"
+            lambda: cards(d)[name]["image"] and re.search(r"\d+ steps", cards(d)[name]["text"]), 120, "card"
         )
-        card[0].click()
+        press_card(d, name)
         wait_until(lambda: cards(d)[name]["pressed"], 60, "the card selected")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 120, "gallery details")
         wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
@@ -487,11 +499,11 @@ def test_the_gallery_is_a_grid_of_cards(browser, gallery_app, tmp_path):
     # The newest is selected when the page opens.
     wait_until(lambda: [n for n, c in cards(d).items() if c["pressed"]] == ["zwx-cat"], 30, "newest pressed")
     wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "details")
-    d.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='sks-dog']").click()
+    press_card(d, "sks-dog")
     wait_until(lambda: "sks-dog" in d.find_element(By.ID, "gallery-details").text, 30, "clicked card shown")
     assert [n for n, c in cards(d).items() if c["pressed"]] == ["sks-dog"]
     # The keyboard: a card is a button, Enter selects it.
-    d.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='zwx-cat']").send_keys(Keys.ENTER)
+    press_card(d, "zwx-cat", Keys.ENTER)
     wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "card chosen by key")
     wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
     screenshot(d, shots_dir(tmp_path) / "gallery-cards.png")
