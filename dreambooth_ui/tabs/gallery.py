@@ -97,7 +97,7 @@ def build(studios: Studios) -> GalleryTab:
                 push = gr.Button("Push")
                 pushed = gr.Markdown()
 
-    cards.select(bind(on_pick_card, studios), None, adapter)
+    cards.select(bind(on_pick_card, studios), None, adapter, api_visibility="private")
     selection = [cards, details, samples, *downloads, deleted]
     adapter.change(bind(on_select, studios), [adapter, deleted], selection)
     # Opening the tab redraws the cards: adapters may have come from elsewhere (the CLI, another page).
