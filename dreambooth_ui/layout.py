@@ -27,6 +27,13 @@ CSS = """
   #base-row {flex-direction: column; flex-wrap: wrap;}
   #base-row > * {width: 100%; min-width: 100%;}
 }
+/* A phone: rows marked phone-stack (settings four to a row, plots side by side, the gallery and its
+   selection) put their boxes one under another, each the full width. Gradio wraps a row's form
+   fields in a .form of their own, which stacks the same way. */
+@media (max-width: 640px) {
+  .phone-stack, .phone-stack > .form {flex-direction: column !important; flex-wrap: nowrap !important;}
+  .phone-stack > *, .phone-stack > .form > * {width: 100% !important; min-width: 0 !important; flex: none !important;}
+}
 """
 
 

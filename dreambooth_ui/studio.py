@@ -747,18 +747,21 @@ class Studio:
         except ValueError as e:
             raise UserError(_sentence(str(e))) from e
 
-    def generate(self, prompt: str, **kwargs: Any) -> list[Path]:
-        """Images for the prompt (with the chosen adapters), saved under outputs/; their paths."""
+    def generate(self, prompt: str, *, on_step=None, **kwargs: Any) -> list[Path]:
+        """Images for the prompt (with the chosen adapters), saved under outputs/; their paths.
+        `on_step(done, total)` hears each sampler step (the page's progress bar)."""
         self._check_not_training()
         request = self.generate_request(prompt, **kwargs)
-        images = self._run_generator(lambda g: g.generate(request))
+        images = self._run_generator(lambda g: g.generate(request, on_step=on_step))
         return self._save_images(images, "gen")
 
-    def compare_token(self, prompt: str, token: str, **kwargs: Any) -> tuple[Path, list[tuple[str, Path]]]:
+    def compare_token(
+        self, prompt: str, token: str, *, on_step=None, **kwargs: Any
+    ) -> tuple[Path, list[tuple[str, Path]]]:
         """The same seed with and without the token: a labelled grid and the single images."""
         self._check_not_training()
         request = self.generate_request(prompt, **kwargs)
-        grid, labelled = self._run_generator(lambda g: g.compare_token(request, token))
+        grid, labelled = self._run_generator(lambda g: g.compare_token(request, token, on_step=on_step))
         paths = self._save_images([grid] + [im for _, im in labelled], "compare")
         return paths[0], [(label, p) for (label, _), p in zip(labelled, paths[1:], strict=True)]
 

@@ -169,6 +169,52 @@ def adapter_gallery(adapters: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(a["thumbnail"], a["name"]) for a in adapters if a.get("thumbnail")]
 
 
+NO_ADAPTERS = (
+    '<p class="no-adapters">No adapters yet: train one in the Train tab (or import a LoRA file with '
+    "<code>python -m trainer_core import-adapter</code>).</p>"
+)
+
+
+def adapter_cards(adapters: list[dict[str, Any]], selected: str | None, images: dict[str, str]) -> str:
+    """The Gallery's grid: one card (a button) per adapter with its sample image (`images`: name ->
+    an image URL, none: a blank square), name, trigger, base model, steps and date; `selected` pressed."""
+    from trainer_core.inference import ARCHITECTURE_LABELS
+
+    if not adapters:
+        return NO_ADAPTERS
+    cards = []
+    for i, a in enumerate(adapters):
+        name = esc(a["name"])
+        src = images.get(a["name"])
+        picture = f'<img src="{src}" alt="">' if src else '<span class="no-sample">no samples</span>'
+        base = str(a.get("base_model") or "")
+        arch = ARCHITECTURE_LABELS.get(a.get("architecture"), a.get("architecture") or "")
+        token = a.get("token") or "none"
+        cards.append(
+            f'<button type="button" class="adapter-card" data-adapter="{name}" data-index="{i}" '
+            f'aria-pressed="{"true" if a["name"] == selected else "false"}">{picture}'
+            f'<span class="card-name">{name}</span>'
+            f'<span class="card-meta">trigger <code>{esc(token)}</code></span>'
+            f'<span class="card-meta" title="{esc(base)}">{esc(base_label(base))} · {esc(arch)}</span>'
+            f'<span class="card-meta">{a.get("steps") or 0} steps</span>'
+            f'<span class="card-meta">{esc(day(a.get("created")))}</span></button>'
+        )
+    return f'<div class="adapter-grid" role="group" aria-label="Adapters">{"".join(cards)}</div>'
+
+
+def base_label(base: str) -> str:
+    """A base model as a card can show it: a Hub id or a built-in name whole, a local path by its last part."""
+    if base.startswith(("/", ".", "~")) or base.count("/") > 1 or "\\" in base:
+        return Path(base).name or base
+    return base
+
+
+def day(created: Any) -> str:
+    """adapter.json's `created` (2026-11-30T19:26:43+0000) as 2026-11-30 19:26."""
+    text = str(created or "")
+    return text[:16].replace("T", " ") if len(text) >= 16 and text[10] == "T" else text
+
+
 def adapter_markdown(a: dict[str, Any] | None) -> str:
     if not a:
         return "Select an adapter."

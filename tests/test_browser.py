@@ -67,6 +67,12 @@ def set_number(driver, elem_id: str, value) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
+def shots_dir(tmp_path: Path) -> Path:
+    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
 def screenshot(driver, path: Path) -> None:
     """The whole page at 1400 px and at a phone's 420 px (`<name>-420.png`): the window grows to
     the page's height for each shot."""
@@ -163,6 +169,34 @@ def check_the_page_fits_a_phone(driver) -> None:
         driver.set_window_size(1400, 1100)
 
 
+CARDS = "#gallery-cards button[data-adapter]"
+
+
+def cards(driver) -> dict[str, dict]:
+    """The Gallery's adapter cards as a person sees them: text, pressed or not, image drawn."""
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll(arguments[0])].map(c => [c.dataset.adapter,"
+        " {text: c.innerText, pressed: c.getAttribute('aria-pressed') === 'true',"
+        "  image: [...c.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0)}]))",
+        CARDS,
+    )
+
+
+def press_card(driver, name: str, *keys: str) -> None:
+    """Click an adapter's card (or send it `keys`), again if the grid was redrawn under the pointer."""
+    from selenium.webdriver.common.by import By
+
+    def press():
+        card = driver.find_element(By.CSS_SELECTOR, f"{CARDS}[data-adapter='{name}']")
+        if keys:
+            card.send_keys(*keys)
+        else:
+            card.click()
+        return True
+
+    wait_until(press, 60, f"the card of {name}")
+
+
 def pick_option(driver, elem_id: str, option: str) -> None:
     """Choose `option` in a Gradio dropdown: open it, then click the option in its list."""
     from selenium.webdriver.common.by import By
@@ -180,21 +214,24 @@ def pick_option(driver, elem_id: str, option: str) -> None:
 
 
 def click_tab(driver, label: str) -> None:
+    """Open a tab (once the page's first load no longer covers the tab bar with its spinner)."""
     from selenium.webdriver.common.by import By
 
-    for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
-        if tab.text.strip().endswith(label):
-            tab.click()
-            return
-    raise AssertionError(f"no tab {label}")
+    def click():
+        for tab in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]"):
+            if tab.text.strip().endswith(label):
+                tab.click()  # raises while something is drawn over it: tried again
+                return True
+        raise AssertionError(f"no tab {label}")
+
+    wait_until(click, 60, f"the {label} tab")
 
 
 def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    shots = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = shots_dir(tmp_path)
     demo, url, studio = launch_app(tmp_path / "data", "tiny-sd15")
     try:
         d = browser
@@ -322,14 +359,23 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         screenshot(d, shots / "3-generate.png")
 
         click_tab(d, "Gallery")
+        # The gallery is a grid of cards (issue 15, item 10): the new adapter's card, clicked, is the
+        # selection the details, downloads and actions beside it are about.
+        wait_until(
+            lambda: cards(d)[name]["image"] and re.search(r"\d+ steps", cards(d)[name]["text"]), 120, "card"
+        )
+        press_card(d, name)
+        wait_until(lambda: cards(d)[name]["pressed"], 60, "the card selected")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 120, "gallery details")
+        wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
         screenshot(d, shots / "4-gallery.png")
         # Delete, then Restore at once: an undo, with nothing else to pick first (issue 15, item 10).
         d.find_element(By.ID, "delete-btn").click()
         wait_until(lambda: name not in [a["name"] for a in studio.list_adapters()], 60, "deleted")
-        time.sleep(1)  # the page applies the delete's outputs (the trash picker) before the next click
+        wait_until(lambda: name not in cards(d), 60, "its card gone")
         d.find_element(By.ID, "restore-btn").click()
         wait_until(lambda: name in [a["name"] for a in studio.list_adapters()], 60, "restored")
+        wait_until(lambda: name in cards(d) and cards(d)[name]["pressed"], 60, "its card back, selected")
         wait_until(lambda: name in d.find_element(By.ID, "gallery-details").text, 60, "restored shown")
         # A second run to overlay: the first one's folder again under another id (its data is real).
         run_id = studio.training_status()["run_id"]
@@ -392,6 +438,9 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
             "export",
         )[0]
         click_tab(d, "Gallery")
+        wait_until(
+            lambda: exported in cards(d) and cards(d)[exported]["pressed"], 60, "exported card selected"
+        )
         wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
         wait_until(lambda: "scores: dino" in d.find_element(By.ID, "gallery-details").text, 60, "its scores")
         screenshot(d, shots / "6-gallery-scores.png")
@@ -401,3 +450,151 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         studio.runner.stop()
         studio.runner.wait(60)
         demo.close()
+
+
+# ---- The Gallery, Generate's progress and the phone layout, on an app with adapters already saved ----
+
+
+@pytest.fixture(scope="module")
+def gallery_app(tiny_model, tmp_path_factory):
+    """The app with two real adapters in its gallery (written by save_adapter, no training run)."""
+    from lora_fixtures import lora_adapter
+
+    src = tmp_path_factory.mktemp("adapter-sources")
+    demo, url, studio = launch_app(tmp_path_factory.mktemp("gallery-data"), "tiny-sd15")
+    try:
+        for seed, name, token, created in (
+            (1, "sks-dog", "sks", "2026-01-01T10:00:00+0000"),
+            (2, "zwx-cat", "zwx", "2026-02-01T10:00:00+0000"),
+        ):
+            folder = lora_adapter(tiny_model, src / name, seed, with_samples=True, created=created,
+                                  token=token, instance_prompt=f"a photo of {token} pet", steps=40 * seed)  # fmt: skip
+            studio.store.add(folder)
+        yield url, studio
+    finally:
+        demo.close()
+
+
+def test_the_gallery_is_a_grid_of_cards(browser, gallery_app, tmp_path):
+    """Issue 15 item 10: each adapter is a card (sample image, name, trigger, base, steps, date);
+    a click or the keyboard selects one; downloads are buttons (no "×"), and Undo follows Delete."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    url, studio = gallery_app
+    d = browser
+    d.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Gallery")
+    shown = wait_until(lambda: len(cards(d)) == 2 and cards(d), 60, "two adapter cards")
+    for name, token, steps, day in (
+        ("sks-dog", "sks", 40, "2026-01-01"),
+        ("zwx-cat", "zwx", 80, "2026-02-01"),
+    ):
+        text = shown[name]["text"]
+        assert name in text and token in text and f"{steps} steps" in text and day in text, text
+        assert "tiny-sd15" in text or "tiny" in text.lower(), text  # the base model, by name
+        assert shown[name]["image"], name
+    # The newest is selected when the page opens.
+    wait_until(lambda: [n for n, c in cards(d).items() if c["pressed"]] == ["zwx-cat"], 30, "newest pressed")
+    wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "details")
+    press_card(d, "sks-dog")
+    wait_until(lambda: "sks-dog" in d.find_element(By.ID, "gallery-details").text, 30, "clicked card shown")
+    assert [n for n, c in cards(d).items() if c["pressed"]] == ["sks-dog"]
+    # The keyboard: a card is a button, Enter selects it.
+    press_card(d, "zwx-cat", Keys.ENTER)
+    wait_until(lambda: "zwx-cat" in d.find_element(By.ID, "gallery-details").text, 30, "card chosen by key")
+    wait_until(lambda: d.find_element(By.ID, "download-zip").is_displayed(), 60, "downloads")
+    screenshot(d, shots_dir(tmp_path) / "gallery-cards.png")
+    # Downloads are labelled buttons, nothing in the panel looks like a delete "×"; the zip arrives.
+    labels = [
+        b.text for b in d.find_elements(By.CSS_SELECTOR, "#gallery-downloads button") if b.is_displayed()
+    ]
+    assert len(labels) == 3 and all("Download" in t or "download" in t for t in labels), labels
+    assert "×" not in d.find_element(By.ID, "gallery-downloads").text
+    d.find_element(By.CSS_SELECTOR, "#download-zip button, button#download-zip").click()
+    zipped = wait_until(lambda: list(tmp_path.glob("zwx-cat*.zip")), 60, "the zip downloaded")
+    assert zipped[0].stat().st_size > 1000
+    # Delete, then Undo at once: the card goes and comes back, selected.
+    d.find_element(By.ID, "delete-btn").click()
+    wait_until(lambda: list(cards(d)) == ["sks-dog"], 60, "the card gone")
+    d.find_element(By.ID, "restore-btn").click()
+    wait_until(lambda: sorted(cards(d)) == ["sks-dog", "zwx-cat"], 60, "the card back")
+    wait_until(lambda: cards(d)["zwx-cat"]["pressed"], 30, "the restored card selected")
+    assert "zwx-cat" in d.find_element(By.ID, "gallery-details").text
+
+
+# Every text the progress display shows while a request runs (it may last only a moment).
+WATCH_PROGRESS_JS = """
+window.progressSeen = [];
+new MutationObserver(() => document.querySelectorAll('.progress-level-inner, .progress-text').forEach(
+  e => window.progressSeen.push(e.innerText))).observe(document.body,
+  {subtree: true, childList: true, characterData: true});
+"""
+
+
+def test_generate_shows_step_progress(browser, gallery_app, tmp_path):
+    """Issue 15 item 6: while images are sampled the page counts the sampler's steps."""
+    from selenium.webdriver.common.by import By
+
+    url, _ = gallery_app
+    d = browser
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Generate")
+    wait_until(lambda: "a photo of" in d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value"),
+               60, "prompt")  # fmt: skip
+    d.execute_script(WATCH_PROGRESS_JS)
+    d.find_element(By.ID, "generate-btn").click()
+
+    def counted():
+        return any(re.search(r"\b\d+/25\b", t) for t in d.execute_script("return window.progressSeen"))
+
+    wait_until(lambda: counted() or d.find_elements(By.CSS_SELECTOR, "#images img"), 300, "progress or image")
+    d.save_screenshot(str(shots_dir(tmp_path) / "generate-sampling.png"))  # the bar, if still there
+    wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#images img"), 300, "generated image")
+    assert counted(), sorted(set(d.execute_script("return window.progressSeen")))[:20]
+
+
+# Each box of a container: its width against the container's (1.0: a box on a line of its own).
+WIDTHS_JS = """
+const box = document.querySelector(arguments[0]).getBoundingClientRect();
+return [...document.querySelectorAll(arguments[1])].filter(e => e.offsetParent !== null)
+  .map(e => [e.id || e.innerText.split('\\n')[0].slice(0, 30), e.getBoundingClientRect().width / box.width]);
+"""
+
+
+def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app, tmp_path):
+    """At 420 px the Train tab's advanced settings take a line each (not three squeezed to a row with
+    a scroll bar), and the Train and Runs plots stack instead of sharing the width."""
+    from selenium.webdriver.common.by import By
+
+    url, _ = gallery_app
+    d = browser
+    d.set_window_size(420, 1100)
+    d.get(url)
+    wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    click_tab(d, "Train")
+    wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#advanced button"), 60, "advanced settings").click()
+    wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
+    time.sleep(0.5)
+    narrow = {}
+    settings = d.execute_script(WIDTHS_JS, "#advanced", "#advanced .block")
+    narrow["settings"] = [name for name, share in settings if share < 0.85]
+    plots = d.execute_script(WIDTHS_JS, "#status-line", "#loss-plot, #scores-plot, #samples")
+    narrow["train plots"] = [name for name, share in plots if share < 0.85]
+    screenshot(d, shots_dir(tmp_path) / "train-advanced.png")
+    d.set_window_size(420, 1100)
+    click_tab(d, "Runs")
+    wait_until(lambda: d.find_element(By.ID, "runs-plot").is_displayed(), 60, "runs tab")
+    time.sleep(0.5)
+    plots = d.execute_script(WIDTHS_JS, "#runs-table", "#runs-plot, #runs-images")
+    narrow["runs plots"] = [name for name, share in plots if share < 0.85]
+    overflow = d.execute_script(
+        "return document.documentElement.scrollWidth > document.documentElement.clientWidth"
+    )
+    assert narrow == {"settings": [], "train plots": [], "runs plots": []} and not overflow, (
+        narrow,
+        overflow,
+    )

@@ -267,3 +267,15 @@ def test_apply_adapters_on_an_own_pipeline_matches_the_generator(gen, tiny_model
     assert np.array_equal(
         px(generate(pipe, r.prompt, seed=r.seed, steps=r.steps)[0]), fresh_image(tiny_model, None)
     )
+
+
+def test_sampler_steps_are_reported_and_change_nothing(gen, tiny_model, made):
+    """The per-step callback (what the page's progress bar follows): one call per sampler step, the
+    same images as without it; a comparison counts its images' steps together."""
+    calls = []
+    images = gen.generate(req(tiny_model, [(made["a"], 1.0)], steps=4), on_step=lambda *a: calls.append(a))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert np.array_equal(px(images[0]), px(gen.generate(req(tiny_model, [(made["a"], 1.0)], steps=4))[0]))
+    calls.clear()
+    gen.compare_token(req(tiny_model, [(made["a"], 1.0)], steps=3), "sks", on_step=lambda *a: calls.append(a))
+    assert calls == [(i, 6) for i in range(1, 7)]

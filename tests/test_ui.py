@@ -88,3 +88,55 @@ def test_scores_views():
     assert "**a**: best checkpoint step 20: highest dino (0.700)." in text and "**b**: not scored" in text
     assert scores_line({"dino": 0.61234, "clip_i": None}) == "\n- scores: dino 0.612 (PRES: lower is better)"
     assert scores_line(None) == ""
+
+
+def test_generate_reports_the_samplers_steps(tmp_path):
+    """Issue 15 item 6: the Generate handler drives the page's progress bar from the sampler's steps
+    (a real generation on tiny-sd15)."""
+    import gradio as gr
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import generate
+
+    studios = Studios(tmp_path, base_model="tiny-sd15")
+    with gr.Blocks():
+        tab = generate.build(studios)
+    values = {box: None for box in tab.settings.values()}
+    values.update({tab.settings[k]: v for k, v in (
+        ("prompt", "a photo of sks dog"), ("adapter", ""), ("second_adapter", ""), ("adapter_weight", 1.0),
+        ("second_weight", 0.5), ("negative_prompt", ""), ("steps", 3), ("guidance", 7.5), ("seed", 5),
+        ("width", 0), ("height", 0), ("num_images", 1))})  # fmt: skip
+    values[tab.past] = []
+    seen = []
+
+    def progress(value, desc=None, total=None, unit="steps"):
+        seen.append((value, desc, unit))
+
+    images, _history, _past = generate.on_generate(studios, tab, None, values, progress=progress)
+    assert len(images) == 1
+    assert [v for v, desc, unit in seen if isinstance(v, tuple)] == [(1, 3), (2, 3), (3, 3)]
+    assert {desc for v, desc, _ in seen if isinstance(v, tuple)} == {"Sampling"}
+
+
+def test_gallery_cards_show_each_adapter_and_the_selection():
+    """Issue 15 item 10: a card per adapter (image, name, trigger, base model, steps, date), the selected
+    one pressed; text from adapter.json is escaped; no adapters: a line saying how to get one."""
+    from dreambooth_ui.views import adapter_cards
+
+    adapters = [
+        {"name": "sks-dog", "token": "sks", "base_model": "/data/models/tiny-sd15", "architecture": "sd15",
+         "steps": 40, "created": "2026-01-01T10:00:00+0000"},
+        {"name": "zwx-cat", "token": "<b>", "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+         "architecture": "sdxl", "steps": 800, "created": "2026-02-01T11:30:00+0000"},
+    ]  # fmt: skip
+    html = adapter_cards(adapters, "zwx-cat", {"sks-dog": "data:image/jpeg;base64,AAAA"})
+    assert html.count('<button type="button" class="adapter-card"') == 2
+    assert (
+        'data-adapter="sks-dog" data-index="0" aria-pressed="false"><img src="data:image/jpeg;base64,AAAA"'
+        in html
+    )
+    assert 'data-adapter="zwx-cat" data-index="1" aria-pressed="true"><span class="no-sample">' in html
+    for text in ("tiny-sd15 · SD 1.5", "40 steps</span><span class=\"card-meta\">2026-01-01 10:00", "<code>sks</code>", "<code>&lt;b&gt;</code>",
+                 "stabilityai/stable-diffusion-xl-base-1.0 · SDXL", "2026-02-01 11:30"):  # fmt: skip
+        assert text in html, text
+    assert "No adapters yet" in adapter_cards([], None, {})

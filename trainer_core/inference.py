@@ -18,7 +18,7 @@ import math
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,10 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SCHEDULERS = ("dpm++", "euler_a", "ddim")
 ARCHITECTURE_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 MAX_IMAGES_PER_REQUEST = 16
+
+# Called after each sampler step with (steps done, steps in all): how a caller draws its own progress
+# (the page's bar, a CLI line); the engine shows none itself.
+StepCallback = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,10 +162,12 @@ def generate(
     width: int | None = None,
     height: int | None = None,
     num_images: int = 1,
+    on_step: StepCallback | None = None,
 ):
     """Images for `prompt` with whatever adapters are active; same seed and settings, same images.
 
-    The noise comes from a CPU generator, so a seed gives the same start on every device.
+    The noise comes from a CPU generator, so a seed gives the same start on every device. `on_step`
+    hears each finished sampler step (it cannot change the images).
     """
     import torch
 
@@ -173,6 +179,14 @@ def generate(
         if value % 8:
             raise ValueError(f"{name}: must be a multiple of 8, got {value}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    extra = {}
+    if on_step is not None:
+
+        def step_end(pipe, step: int, _timestep, callback_kwargs: dict) -> dict:
+            on_step(step + 1, pipe.num_timesteps)  # the scheduler's count: what the loop really runs
+            return callback_kwargs
+
+        extra["callback_on_step_end"] = step_end
     with torch.inference_mode():
         return pipe(
             prompt,
@@ -183,6 +197,7 @@ def generate(
             height=height,
             num_images_per_prompt=num_images,
             generator=generator,
+            **extra,
         ).images
 
 
@@ -360,11 +375,11 @@ class Generator:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest) -> list:
+    def generate(self, request: GenerateRequest, on_step: StepCallback | None = None) -> list:
         """The images for `request` (PIL images); the same request gives the same images."""
         with self._lock:
             resident = self._activate(request)
-            return self._render(resident, request)
+            return self._render(resident, request, on_step)
 
     def prepare(self, request: GenerateRequest) -> list[str]:
         """Load the base model and activate the request's adapters without sampling.
@@ -378,8 +393,9 @@ class Generator:
                 resident.adapters[str(describe_adapter(p).path)].pipeline_name for p, _ in request.adapters
             ]
 
-    def compare_token(self, request: GenerateRequest, token: str):
-        """The prompt with the trigger word vs without it, same seed and adapters: (grid, [(label, image)])."""
+    def compare_token(self, request: GenerateRequest, token: str, on_step: StepCallback | None = None):
+        """The prompt with the trigger word vs without it, same seed and adapters: (grid, [(label, image)]).
+        `on_step` counts both images' steps together."""
         token = (token or "").strip()
         if not token:
             raise ValueError("token: give the trigger word to compare, e.g. sks")
@@ -391,7 +407,7 @@ class Generator:
             (f"without {token}", without or " "),  # an empty prompt is still a valid unconditional image
         ]
         return self._compare(
-            [(label, dataclasses.replace(request, prompt=prompt)) for label, prompt in variants]
+            [(label, dataclasses.replace(request, prompt=prompt)) for label, prompt in variants], on_step
         )
 
     def compare_weights(self, request: GenerateRequest, weights: Iterable[float] = (0.0, 0.5, 1.0)):
@@ -451,12 +467,14 @@ class Generator:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _compare(self, cells: list[tuple[str, GenerateRequest]]):
+    def _compare(self, cells: list[tuple[str, GenerateRequest]], on_step: StepCallback | None = None):
         images = []
         with self._lock:  # one lock for the whole grid: no other request interleaves its adapters
-            for label, req in cells:
+            for k, (label, req) in enumerate(cells):
                 req = dataclasses.replace(req, num_images=1)
-                images.append((label, self._render(self._activate(req), req)[0]))
+                images.append(
+                    (label, self._render(self._activate(req), req, _nth(on_step, k, len(cells)))[0])
+                )
         return make_grid(images), images
 
     def _resident(self, request: GenerateRequest) -> _Resident:
@@ -534,7 +552,9 @@ class Generator:
         load_adapter(resident.pipe, source)
         resident.adapters[key] = source
 
-    def _render(self, resident: _Resident, request: GenerateRequest) -> list:
+    def _render(
+        self, resident: _Resident, request: GenerateRequest, on_step: StepCallback | None = None
+    ) -> list:
         # A fresh scheduler per request: multistep samplers keep state between steps.
         resident.pipe.scheduler = make_scheduler(request.scheduler, resident.scheduler_config)
         return generate(
@@ -547,7 +567,16 @@ class Generator:
             width=request.width,
             height=request.height,
             num_images=request.num_images,
+            on_step=on_step,
         )
+
+
+def _nth(on_step: StepCallback | None, k: int, n: int) -> StepCallback | None:
+    """`on_step` for the k-th of n equal samplings, counting all n together (step 3 of the 2nd of two
+    25-step images: 28/50)."""
+    if on_step is None:
+        return None
+    return lambda done, total: on_step(k * total + done, n * total)
 
 
 def _free_memory() -> None:

@@ -4,6 +4,7 @@ same seed with and without the trigger token."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,19 +120,31 @@ def on_adapter(studios: Studios, request: gr.Request, name):
     return info["instance_prompt"] if info and info.get("instance_prompt") else gr.skip()
 
 
-def on_generate(studios: Studios, tab: GenerateTab, request: gr.Request, values: dict):
+def step_progress(progress) -> Callable[[int, int], None]:
+    """The engine's per-step callback drawing the page's progress bar ("Sampling 12/25 steps")."""
+    progress(0, desc="Loading the model")  # the first request loads it: seconds before step 1
+
+    def on_step(done: int, total: int) -> None:
+        progress((done, total), desc="Sampling", unit="steps")
+
+    return on_step
+
+
+def on_generate(
+    studios: Studios, tab: GenerateTab, request: gr.Request, values: dict, progress=gr.Progress()
+):
     kwargs = request_of(tab, values)
-    paths = studios.get(request).generate(**kwargs)
+    paths = studios.get(request).generate(**kwargs, on_step=step_progress(progress))
     return _results([(str(p), caption(kwargs)) for p in paths], values[tab.past])
 
 
-def on_compare(studios: Studios, tab: GenerateTab, request: gr.Request, values: dict):
+def on_compare(studios: Studios, tab: GenerateTab, request: gr.Request, values: dict, progress=gr.Progress()):
     studio = studios.get(request)
     kwargs = request_of(tab, values)
     info = {a["name"]: a for a in studio.list_adapters()}.get(kwargs["adapter"]) or {}
     token = info.get("token") or ""
     if not token:
         raise UserError("Pick an adapter with a trigger token to compare with and without it.")
-    _grid, labelled = studio.compare_token(token=token, **kwargs)
+    _grid, labelled = studio.compare_token(token=token, **kwargs, on_step=step_progress(progress))
     items = [(str(p), caption(kwargs, label)) for label, p in labelled]
     return _results(items, values[tab.past])

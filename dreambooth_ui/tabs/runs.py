@@ -36,7 +36,7 @@ def build(studios: Studios) -> RunsTab:
         with gr.Row():
             loss = gr.Radio(list(LOSS_KEYS), value="total", label="Loss")
             step = gr.Dropdown([], label="Validation images at step")
-        with gr.Row():
+        with gr.Row(elem_classes="phone-stack"):
             # The title inside the chart, not a block label: a label pushes the legend out of the box.
             plot = gr.LinePlot(
                 x="step", y="smoothed", color="run", title="Smoothed loss", show_label=False, height=320,

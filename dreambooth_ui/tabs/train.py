@@ -98,7 +98,7 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
             resume = gr.Button("Resume", visible=False, elem_id="resume-btn")
             go_generate = gr.Button("Open in Generate", visible=False, elem_id="go-generate")
         status = gr.HTML(elem_id="status-line")
-        with gr.Row():
+        with gr.Row(elem_classes="phone-stack"):
             plot = gr.LinePlot(
                 x="step",
                 y="loss",
@@ -159,22 +159,22 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
 def _settings_boxes() -> dict[str, gr.components.Component]:
     """The advanced settings, one box per TrainConfig field."""
     boxes: dict[str, gr.components.Component] = {}
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["max_train_steps"] = gr.Number(label="Steps", precision=0, elem_id="adv-steps")
         boxes["rank"] = gr.Number(label="LoRA rank", precision=0)
         boxes["alpha"] = gr.Number(label="LoRA alpha (empty: = rank)")
         boxes["learning_rate"] = gr.Number(label="Learning rate")
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["with_prior_preservation"] = gr.Checkbox(label="Prior preservation")
         boxes["class_prompt"] = gr.Textbox(label="Class prompt")
         boxes["num_class_images"] = gr.Number(label="Class images", precision=0, elem_id="adv-class-images")
         boxes["prior_loss_weight"] = gr.Number(label="Prior loss weight")
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["resolution"] = gr.Number(label="Resolution (empty: the model's)", precision=0)
         boxes["train_batch_size"] = gr.Number(label="Batch size", precision=0)
         boxes["gradient_accumulation_steps"] = gr.Number(label="Gradient accumulation", precision=0)
         boxes["mixed_precision"] = gr.Dropdown(list(MIXED_PRECISIONS), label="Mixed precision")
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["train_text_encoder"] = gr.Checkbox(label="Train the text encoder too")
         boxes["validation_prompt"] = gr.Textbox(label="Validation prompt (empty: the instance prompt)")
         boxes["validation_steps"] = gr.Number(
@@ -184,17 +184,17 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
             label="Checkpoint every N steps", precision=0, elem_id="adv-checkpointing-steps"
         )
     # The craft options of kohya_ss / OneTrainer / diffusers' advanced script (docs/cli.md explains each).
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["lr_scheduler"] = gr.Dropdown(list(LR_SCHEDULERS), label="LR schedule")
         boxes["optimizer"] = gr.Dropdown(list(OPTIMIZERS), label="Optimizer (prodigy: learning rate 1.0)")
         boxes["text_encoder_lr"] = gr.Number(label="Text encoder learning rate")
         boxes["use_8bit_adam"] = gr.Checkbox(label="8-bit Adam (CUDA)")
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["use_dora"] = gr.Checkbox(label="DoRA")
         boxes["caption_dropout"] = gr.Number(label="Caption dropout (0-1)")
         boxes["masked_loss"] = gr.Checkbox(label="Masked loss (needs masks from prep)")
         boxes["bucketing"] = gr.Checkbox(label="Aspect-ratio buckets")
-    with gr.Row():
+    with gr.Row(elem_classes="phone-stack"):
         boxes["random_flip"] = gr.Checkbox(label="Random flip")
         boxes["noise_offset"] = gr.Number(label="Noise offset")
         boxes["snr_gamma"] = gr.Number(label="Min-SNR gamma (empty: off)")
