@@ -4,7 +4,7 @@
 #   make setup       create $(VENV) and install the pinned dependencies (again only if requirements change)
 #   make run         the browser app on http://127.0.0.1:7860 (HOST=0.0.0.0 PORT=... DATA=... BASE_MODEL=...)
 #   make demo        offline CLI demo: synthetic photos -> 30-step training -> runs/demo/sample.png
-#   make demo-shapes the same on tiny-shapes (work in progress: needs its weights, make pretrain-shapes) -> runs/demo-shapes/*.png
+#   make demo-shapes the same on tiny-shapes (work in progress: needs its weights, make pretrain-shapes, ~1 hour) -> runs/demo-shapes/*.png
 #   make pretrain-shapes  build trainer_core/models/tiny-shapes (scripts/pretrain_tiny_shapes.py; see docs/TINY_SHAPES.md)
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
@@ -68,7 +68,7 @@ demo: | $(PY)
 	@echo "demo done: adapter in $(DEMO)/adapter, images $(DEMO)/sample.png (with it) and" \
 		"$(DEMO)/sample-base.png (without); tiny-sd15 is a random model, so both are noise"
 
-# Work in progress (the weights are not built yet). Meant to: tiny-shapes knows circles of five colours; it learns one particular circle (red
+# Work in progress (the weights are not shipped: DreamBooth on them does not learn the subject yet). Meant to: tiny-shapes knows circles of five colours; it learns one particular circle (red
 # with white dots) as "sks circle" and keeps drawing ordinary circles for "a photo of a circle"
 # (prior preservation). The numbers are config.QUICK_TRY's, as in the app's Quick try (a test checks).
 demo-shapes: | $(PY)
