@@ -88,9 +88,11 @@ def register(studios: Studios) -> None:
         caption: str = "template",
         dataset: str = "",
         base_model: str = "",
+        subject_type: str = "",
     ) -> dict:
         """Validate, crop and caption photos into a named photo set (added to it if it exists), at the
-        base model's training resolution; returns the preparation report."""
+        base model's training resolution; returns the preparation report. With a subject_type
+        (person, pet, object, style), a person photo with no face is flagged in its warnings."""
         return studios.get(request).prepare_photos(
             [_path_of(p) for p in photos or []],
             dataset,
@@ -98,6 +100,7 @@ def register(studios: Studios) -> None:
             class_noun=class_noun,
             crop=crop,
             caption=caption,
+            subject_type=subject_type,
             base_model=base_model or None,
         )
 

@@ -22,10 +22,17 @@ CSS = """
 #status-line {min-height: 3em;}
 /* Help text under labels: the soft theme's grey measured 3.6:1 here; WCAG AA asks 4.5:1. */
 [data-testid="block-info"], .block-info {color: #4b5563 !important;}
-/* A phone: the base-model picker and its note stack instead of squeezing side by side. */
+/* Photos: the prepared squares take the rows they need (Gradio's gallery keeps 450 px however few
+   there are); the crop training sees fills its box even when it is a tiny model's 64 px square. */
+#prepared .grid-wrap {min-height: 0 !important; height: auto !important;}
+#edit-crop .image-frame {width: 100%; justify-content: center;}
+#edit-crop img {width: min(100%, 480px) !important; height: auto !important; object-fit: contain !important;}
+/* A phone: the base-model picker and its note stack instead of squeezing side by side, and so do the
+   picked photo's original and crop; three squares to a row. */
 @media (max-width: 640px) {
-  #base-row {flex-direction: column; flex-wrap: wrap;}
-  #base-row > * {width: 100%; min-width: 100%;}
+  #base-row, #edit-images {flex-direction: column; flex-wrap: wrap;}
+  #base-row > *, #edit-images > * {width: 100%; min-width: 100%;}
+  #prepared .grid-container {grid-template-columns: repeat(3, minmax(0, 1fr)) !important;}
 }
 /* A phone: rows marked phone-stack (settings four to a row, plots side by side, the gallery and its
    selection) put their boxes one under another, each the full width. Gradio wraps a row's form

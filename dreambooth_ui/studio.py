@@ -354,11 +354,13 @@ class Studio:
         class_noun: str = "person",
         crop: str = "auto",
         caption: str = "template",
+        subject_type: str = "",
         resolution: int | None = None,
         base_model: str | None = None,
         emit=None,
     ) -> dict[str, Any]:
-        """Check, crop and caption photos into datasets/<name>, at the base model's training resolution."""
+        """Check, crop and caption photos into datasets/<name>, at the base model's training resolution.
+        With a `subject_type`, photos that do not fit it are flagged (a "person" photo with no face)."""
         from trainer_core.planning import native_resolution
         from trainer_core.prep import ORIGINALS_DIR, REPORT_NAME, PrepOptions, prepare_photos
 
@@ -375,8 +377,9 @@ class Studio:
         name = safe_name(dataset or f"{token}-{class_noun}", "photo set name")
         try:
             options = PrepOptions(
-                resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun
-            )
+                resolution=resolution, crop=crop, caption=caption, token=token, class_noun=class_noun,
+                subject_type=subject_type or "",
+            )  # fmt: skip
         except ValueError as e:
             raise UserError(_sentence(str(e))) from e
         uploads = self.save_uploads(files)
@@ -414,8 +417,53 @@ class Studio:
     def set_caption(self, dataset: str, output: str, caption: str) -> dict[str, Any]:
         from trainer_core.prep import set_caption
 
+        return self._edit_set(dataset, set_caption, output, caption)
+
+    def remove_photo(self, dataset: str, output: str) -> dict[str, Any]:
+        """Take a photo out of a prepared set (its square, caption and kept original)."""
+        from trainer_core.prep import remove_photo
+
+        return self._edit_set(dataset, remove_photo, output)
+
+    def recrop_photo(
+        self,
+        dataset: str,
+        output: str,
+        *,
+        focus: tuple[float, float] | None = None,
+        side: int | None = None,
+        crop: str | None = None,
+    ) -> dict[str, Any]:
+        """Crop one photo again: a square around `focus` (x, y in the original's pixels, `side`
+        across), or by a crop mode (`crop`: auto, face, center, none)."""
+        from trainer_core.prep import recrop_around, recrop_auto
+
+        if focus is not None:
+            return self._edit_set(dataset, recrop_around, output, focus, side)
+        return self._edit_set(dataset, recrop_auto, output, crop or "auto")
+
+    def photo_original(self, dataset: str, output: str, max_side: int = 1024):
+        """A prepared photo's original, decoded and scaled to at most `max_side` (a new image, never
+        the uploaded file), the scale it was shrunk by, and its entry in the report."""
+        from trainer_core.prep import read_original
+
+        folder = self._dataset_folder(dataset)
+        image, scale, entry = _engine_call(read_original, folder, output, max_side)
+        return image, scale, {"output": entry.output, "square": str(folder / entry.output),
+                              "crop_box": list(entry.crop_box), "source_size": list(entry.source_size),
+                              "warnings": list(entry.warnings)}  # fmt: skip
+
+    def _dataset_folder(self, dataset: str) -> Path:
         folder = self.datasets_dir / safe_name(dataset, "photo set name")
-        return report_dict(set_caption(folder, output, caption))
+        if not (folder / "report.json").is_file():
+            raise UserError(f"There is no prepared photo set called {dataset!r}; prepare photos first.")
+        return folder
+
+    def _edit_set(self, dataset: str, fn, *args: Any) -> dict[str, Any]:
+        folder = self._dataset_folder(dataset)
+        result = report_dict(_engine_call(fn, folder, *args))
+        result["dataset"] = folder.name
+        return result
 
     # -- training --------------------------------------------------------------------------------
 

@@ -158,6 +158,32 @@ def prep_views(report: dict[str, Any]) -> tuple[str, list, list | None, list | N
     return text, gallery, table or None, bad or None
 
 
+def crop_preview(image, box: list[int], scale: float):
+    """The picked photo with its crop marked: the rest dimmed, the square outlined. `image` is the
+    original shrunk by `scale`; `box` is in the original's pixels (may reach past the edges)."""
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = (round(v * scale) for v in box)
+    inner = (max(left, 0), max(top, 0), min(right, image.width), min(bottom, image.height))
+    shown = Image.eval(image, lambda v: int(v * 0.45))
+    shown.paste(image.crop(inner), inner[:2])
+    width = max(2, round(min(image.size) / 200))
+    ImageDraw.Draw(shown).rectangle(inner, outline=(255, 200, 0), width=width)
+    return shown
+
+
+def picked_markdown(entry: dict[str, Any]) -> str:
+    """The picked photo's name, crop and warnings, above the editor."""
+    left, top, right, _ = entry["crop_box"]
+    w, h = entry["source_size"]
+    lines = [
+        f"**{esc(entry['output'])}**: a {right - left}×{right - left} px square of the {w}×{h} px photo. "
+        "Click the photo to centre the crop there, or change its size."
+    ]
+    lines += [f"- ⚠ {esc(w_)}" for w_ in entry.get("warnings", [])]
+    return "\n".join(lines)
+
+
 # ---- Adapters (Generate, Gallery) ---------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """The page as a person uses it: headless Chromium (Debian's chromium + chromium-driver, driven by
-Selenium; no browser download) uploads photos through the real file input, starts a short training
+Selenium; no browser download) uploads photos through the real file input, edits the prepared set
+(the odd photo flagged and removed, one photo cropped again by a click on it), starts a short training
 on tiny-sd15, watches the loss plot gain points, generates, and saves a screenshot of every tab.
 
 Screenshots go to $SCREENSHOT_DIR (default: the test's temporary folder) so a person can look at them.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import launch_app
-from conftest import write_photos
+from photo_sets import write_dog_set
 from PIL import Image, ImageFilter
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -228,6 +229,7 @@ def click_tab(driver, label: str) -> None:
 
 
 def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -252,35 +254,75 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         upload = wait_until(
             lambda: d.find_element(By.CSS_SELECTOR, "#photo-upload input[type=file]"), 60, "upload"
         )
-        photos = sorted(write_photos(tmp_path / "photos", n=4, size=(160, 120)).glob("*.jpg"))
-        # One wide, blurred photo: two warnings, a sentence too long for one line of its cell.
-        Image.open(photos[3]).resize((560, 120)).filter(ImageFilter.GaussianBlur(6)).save(photos[3])
+        # A pet set: five photos of a dog, one of them a blurred strip (two warnings, a sentence too
+        # long for one line of its cell), and a coffee mug that does not belong (issue 15, item 4).
+        photos = write_dog_set(tmp_path / "photos", 5, seed=6, with_mug=True)
+        with Image.open(photos[4]) as im:
+            im.crop((0, 172, 640, 308)).filter(ImageFilter.GaussianBlur(6)).save(photos[4])
+        d.find_element(By.CSS_SELECTOR, "#subject-type input[value=pet]").click()
+        wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#class-noun textarea, #class-noun input")
+                   .get_attribute("value") == "dog", 30, "the class noun follows")  # fmt: skip
         upload.send_keys("\n".join(str(p) for p in photos))
         wait_until(
-            lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 4, 60, "4 uploads"
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#photo-upload tbody tr")) == 6, 60, "6 uploads"
         )
         d.find_element(By.ID, "prepare-btn").click()
-        wait_until(lambda: "4 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
+        wait_until(lambda: "6 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "prepared")
         wait_until(
-            lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 4, 120, "prepared images"
+            lambda: len(d.find_elements(By.CSS_SELECTOR, "#prepared img")) >= 6, 120, "prepared images"
         )
         # Warnings readable (item 7): every row on the page, no cell cut to one line or hidden in the
-        # table's own scroll, one number prefix on each prepared name.
+        # table's own scroll, one number prefix on each prepared name. The mug is flagged (item 4).
         seen = d.execute_script(CELLS_JS)
-        assert [w for w in seen["warnings"] if w] == [
+        warned = [w for w in seen["warnings"] if w]
+        assert warned[0] == (
             "very wide or tall (4.7:1); only a square part is used; blurry: 1% of the set's median "
             "sharpness; a sharper photo trains better"
-        ], seen
+        ), seen
+        assert warned[1].startswith("unlike the rest of the set") and "remove it or replace it" in warned[1]
+        assert len(warned) == 2 and seen["warnings"][5] == warned[1], seen
         assert seen["cut"] == [] and seen["overlap"] == 0 and seen["inner"] == 0, seen
-        assert seen["names"] == [f"00{i + 1}-photo-{i}.png" for i in range(4)], seen
+        assert seen["names"] == [f"00{i + 1}-dog-0{i}.png" for i in range(5)] + ["006-mug.png"], seen
         # Gradio's footer "Runs" (its call history, shown once a call is saved) is not offered.
         assert "Runs" not in [a.text.strip() for a in d.find_elements(By.CSS_SELECTOR, "footer a")]
+
+        def pick(n: int, name: str) -> None:
+            d.find_elements(By.CSS_SELECTOR, "#prepared button img")[n].click()
+            wait_until(lambda: name in d.find_element(By.ID, "picked-info").text, 60, f"{name} picked")
+
+        def square_src() -> str:
+            return d.find_element(By.CSS_SELECTOR, "#edit-crop img").get_attribute("src")
+
+        pick(5, "006-mug.png")
+        assert "unlike the rest of the set" in d.find_element(By.ID, "picked-info").text
         screenshot(d, shots / "1-photos.png")
+        # Remove the mug: five photos, no outlier left; its square, caption and original are gone.
+        d.find_element(By.ID, "remove-btn").click()
+        wait_until(lambda: "5 photos ready" in d.find_element(By.ID, "prep-summary").text, 60, "removed")
+        assert not [e for e in d.find_elements(By.ID, "photo-editor") if e.is_displayed()], "editor closed"
+        folder = studio.datasets_dir / "sks-dog"
+        assert not list(folder.rglob("006-mug*")), list(folder.rglob("006-mug*"))
+        wait_until(
+            lambda: len([w for w in d.execute_script(CELLS_JS)["warnings"] if w]) == 1, 30, "one warned"
+        )
+        # Re-crop: a click at a fifth of the original's width centres the crop there (moved to stay
+        # inside the photo: against its left edge), and the new square shows at once.
+        pick(1, "002-dog-01.png")
+        before, src = studio.dataset_report("sks-dog")["accepted"][1]["crop_box"], square_src()
+        assert before[0] > 40, before
+        original = d.find_element(By.CSS_SELECTOR, "#edit-original img")
+        ActionChains(d).move_to_element_with_offset(
+            original, -original.rect["width"] * 0.3, 0
+        ).click().perform()
+        wait_until(lambda: studio.dataset_report("sks-dog")["accepted"][1]["crop_box"] == [0, 0, 480, 480], 60,
+                   "the crop moved to the left edge")  # fmt: skip
+        wait_until(lambda: square_src() != src, 60, "the new crop shown")
+        screenshot(d, shots / "1b-photos-recrop.png")
 
         click_tab(d, "Train")
         # A "Quick try" first; the estimate follows the settings as they change (issue 15, item 5).
         wait_until(
-            lambda: "Quick try preset for 4 person photos" in d.find_element(By.ID, "plan").text, 60, "preset"
+            lambda: "Quick try preset for 5 pet photos" in d.find_element(By.ID, "plan").text, 60, "preset"
         )
         d.find_element(By.CSS_SELECTOR, "#advanced button").click()
         wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
@@ -444,7 +486,15 @@ def test_photos_train_generate_gallery_in_the_browser(browser, tmp_path):
         wait_until(lambda: exported in d.find_element(By.ID, "gallery-details").text, 60, "exported shown")
         wait_until(lambda: "scores: dino" in d.find_element(By.ID, "gallery-details").text, 60, "its scores")
         screenshot(d, shots / "6-gallery-scores.png")
-        for shot in ("1-photos", "2-train", "3-generate", "4-gallery", "5-runs", "6-gallery-scores"):
+        for shot in (
+            "1-photos",
+            "1b-photos-recrop",
+            "2-train",
+            "3-generate",
+            "4-gallery",
+            "5-runs",
+            "6-gallery-scores",
+        ):
             assert (shots / f"{shot}.png").stat().st_size > 10_000
     finally:
         studio.runner.stop()

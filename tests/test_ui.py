@@ -140,3 +140,68 @@ def test_gallery_cards_show_each_adapter_and_the_selection():
                  "stabilityai/stable-diffusion-xl-base-1.0 · SDXL", "2026-02-01 11:30"):  # fmt: skip
         assert text in html, text
     assert "No adapters yet" in adapter_cards([], None, {})
+
+
+def test_photo_editor_handlers(tmp_path):
+    """Issue 15, item 4, without a browser: prepare a set (a mug among dogs is flagged in the warnings
+    column), pick a photo, click its original (the crop is redone around the click, the new square
+    shown at once), change the crop's size, crop it again by a mode, edit a caption, remove the mug."""
+    import gradio as gr
+    import numpy as np
+    from photo_sets import write_dog_set
+    from PIL import Image
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import photos
+
+    studios = Studios(tmp_path / "data")
+    paths = write_dog_set(tmp_path / "in", 5, seed=6, with_mug=True)
+    summary, gallery, table, rejected, dataset, *editor = photos.on_prepare(
+        studios, None, [str(p) for p in paths], "pet", "sks", "dog", "auto", "template", "", "tiny-sd15"
+    )
+    assert dataset == "sks-dog" and len(gallery) == 6 and "1 with warnings" in summary
+    assert [row[0] for row in table if row[2]] == ["006-mug.png"]
+    assert "unlike the rest of the set" in table[5][2] and "remove it or replace it" in table[5][2]
+    assert editor[0].visible is False
+
+    def select(index, value=None):
+        return gr.SelectData(None, {"index": index, "value": value})
+
+    group, picked, info, preview, square, size = photos.on_pick(studios, None, dataset, select(5))
+    assert group.visible is True and picked["output"] == "006-mug.png" and "unlike the rest" in info
+    left, top, right, bottom = picked["crop_box"]
+    assert (top, bottom, right - left) == (0, 480, 480) and size == 100, "the full-height square"
+    assert preview.size == (640, 480), "the original, not the square (at most PREVIEW_SIDE wide)"
+    # Outside the crop the preview is dimmed; inside it is the photo itself.
+    original = Image.open(tmp_path / "in" / "mug.jpg").convert("RGB")
+    assert np.abs(np.asarray(preview, float)[240, 20] - np.asarray(original, float)[240, 20] * 0.45).max() < 2
+
+    # A click on the original: the square is cropped again around it, at the slider's size.
+    _, _, table, _, group, picked, info, preview, square, size = photos.on_focus(
+        studios, None, dataset, picked, 50, select([500, 100])
+    )
+    assert picked["crop_box"] == [380, 0, 620, 240] and size == 50
+    from trainer_core.prep import render_square
+
+    expected = np.asarray(render_square(original, (380, 0, 620, 240), 64), float)  # tiny-sd15's resolution
+    assert np.abs(np.asarray(Image.open(square), float) - expected).max() <= 1, "the new square, at once"
+    # The slider let go: the same centre, another size.
+    *_, picked, info, preview, square, size = photos.on_resize(studios, None, dataset, picked, 25)
+    assert picked["crop_box"] == [440, 60, 560, 180] and size == 25
+    assert "a 120×120 px square of the 640×480 px photo" in info
+    *_, picked, info, preview, square, size = photos.on_recrop(studios, None, dataset, picked, "center")
+    assert picked["crop_box"] == [80, 0, 560, 480] and size == 100
+
+    # Captions are still edited in place, and survive the other edits.
+    import pandas as pd
+
+    frame = pd.DataFrame(table, columns=["photo", "caption", "warnings"])
+    frame.loc[0, "caption"] = "a photo of sks dog on the beach"
+    photos.on_caption_edit(studios, None, frame, dataset)
+    summary, gallery, table, _, group, picked, *_ = photos.on_remove(studios, None, dataset, picked)
+    assert group.visible is False and picked == {}
+    assert len(gallery) == 5 and [row[0] for row in table if row[2]] == [] and "5 photos ready" in summary
+    assert table[0][1] == "a photo of sks dog on the beach"
+    assert sorted(p.name for p in (studios.local.datasets_dir / dataset / "originals").iterdir()) == [
+        f"00{i}-dog-0{i - 1}.jpg" for i in range(1, 6)
+    ]

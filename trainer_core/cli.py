@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import EVAL_MODELS
+from .config import EVAL_MODELS, SUBJECT_TYPES
 
 EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED = 1, 2, 130
 
@@ -383,9 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})",
             )
             continue
-        choices = {"crop": ["auto", "face", "center", "none"], "caption": ["blip", "template", "none"]}.get(
-            f.name
-        )
+        choices = {
+            "crop": ["auto", "face", "center", "none"],
+            "caption": ["blip", "template", "none"],
+            "subject_type": list(SUBJECT_TYPES),
+        }.get(f.name)
         p.add_argument(
             flag,
             dest=f.name,

@@ -7,7 +7,9 @@ captions it. It writes the squares, a `.txt` caption beside each, the accepted o
 `originals/` (so a crop can be redone later, and so aspect-ratio bucketing has the whole photo)
 and `report.json`; a rejected file gets one plain reason, a doubtful one a warning. With `masks`
 it also writes a feathered subject mask (face and shoulders, or the busiest region) beside each
-square and each original, for `masked_loss`. `set_caption` and `recrop` apply the user's corrections.
+square and each original, for `masked_loss`. The set can then be edited: `set_caption`, `recrop`
+(a box), `recrop_around` (a point), `recrop_auto` (a crop mode) and `remove_photo`; after each, the
+checks that compare a photo with the rest of the set (near-duplicates, blur, `outliers.py`) are redone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import SUBJECT_TYPES
 from .data import IMAGE_FORMATS, is_mask, mask_path, to_rgb
 from .events import (
     Emit,
@@ -62,6 +65,12 @@ _EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "B
 _EXTENSIONS |= {"HEIF": ".heic", "AVIF": ".avif"}
 # Warnings that describe the crop; a manual recrop replaces them.
 _CROP_WARNING_PREFIXES = ("upscaled", "no face found", "several faces")
+# Warnings that compare a photo with the rest of the set; redone whenever the set changes.
+_SET_WARNING_PREFIXES = ("near-duplicate of", "blurry:", "unlike the rest")
+NO_FACE_WARNING = (
+    "no face found in the crop: a photo of a person should show their face clearly; "
+    "re-crop it around the face, or remove it or replace it"
+)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -72,7 +81,9 @@ def _f(default: Any, help: str) -> Any:
 class PrepOptions:
     resolution: int = _f(512, "Side of the square training images in pixels (a multiple of 8).")
     crop: str = _f(
-        "auto", "auto: the face if one is found, else the busiest region; face; center; none (pad to square)."
+        "auto",
+        "auto: the face if one is found (not searched in a pet, object or style set), else the busiest "
+        "region; face; center; none (pad to square).",
     )
     caption: str = _f(
         "template", "blip: describe each photo with BLIP; template: the same caption for all; none."
@@ -90,6 +101,11 @@ class PrepOptions:
     caption_template: str = _f(
         "a photo of {token} {class_noun}",
         "Caption (and prefix of BLIP captions); {token} and {class_noun} are filled in.",
+    )
+    subject_type: str = _f(
+        "",
+        "person, pet, object or style: a person photo whose crop shows no face is flagged "
+        "('' checks no faces). Every set of 5 or more is checked for photos unlike the rest.",
     )
 
     def __post_init__(self) -> None:
@@ -113,6 +129,10 @@ class PrepOptions:
             ) from e
         if "\0" not in filled:
             raise ValueError(f"caption_template: must contain {{token}}, got {self.caption_template!r}")
+        if self.subject_type and self.subject_type not in SUBJECT_TYPES:
+            raise ValueError(
+                f"subject_type: must be one of {', '.join(SUBJECT_TYPES)} (or empty), got {self.subject_type!r}"
+            )
 
     @property
     def template_caption(self) -> str:
@@ -138,6 +158,9 @@ class AcceptedPhoto:
     source_size: tuple[int, int] = (0, 0)  # (width, height) after the EXIF transpose
     face_box: tuple[int, int, int, int] | None = None  # the face the crop was centred on
     mask: str = ""  # the square's subject mask, relative to the output folder ("" when not made)
+    # For the set checks after an edit (none in reports written before they were kept).
+    phash: int | None = None  # perceptual hash of the whole photo
+    sharpness: float | None = None  # of the crop's part of the photo, at the training scale
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,8 @@ class PrepReport:
                     "source_size": list(a.source_size),
                     "face_box": list(a.face_box) if a.face_box else None,
                     "mask": a.mask,
+                    "phash": f"{a.phash:016x}" if a.phash is not None else None,
+                    "sharpness": a.sharpness,
                 }
                 for a in self.accepted
             ],
@@ -187,6 +212,8 @@ class PrepReport:
                 source_size=tuple(a.get("source_size", (0, 0))),
                 face_box=tuple(a["face_box"]) if a.get("face_box") else None,
                 mask=a.get("mask", ""),
+                phash=int(a["phash"], 16) if a.get("phash") else None,
+                sharpness=a.get("sharpness"),
             )
             for a in obj.get("accepted", [])
         )
@@ -217,10 +244,8 @@ class _Prepared:
     warnings: list[str]
     output: str = ""
     caption: str = ""
-    given_as: str = ""
-    mask: Image.Image | None = (
-        None  # the subject mask ("L") at the source's size, with `masks`  # the source as the user gave it (for a re-prep, the first prep's source)
-    )
+    given_as: str = ""  # the source as the user gave it (for a re-prep, the first prep's source)
+    mask: Image.Image | None = None  # the subject mask ("L") at the source's size, with `masks`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +293,9 @@ def prepare_photos(
             rejected.append(RejectedPhoto(str(path), f"cannot be read ({type(e).__name__}: {e})"))
         emit(Progress("prep", i + 1, total))
 
-    _check_set(prepared)
+    members = [_Member(Path(p.given_as).name, p.phash, p.sharpness, p.square) for p in prepared]
+    for item, extra in zip(prepared, _set_warnings(members), strict=True):
+        item.warnings += extra
     _caption_all(prepared, options, emit, should_stop)
 
     try:
@@ -312,6 +339,8 @@ def _write_set(
                     source_size=item.source_size,
                     face_box=item.face_box,
                     mask=mask,
+                    phash=item.phash,
+                    sharpness=item.sharpness,
                 )
             )
         report = PrepReport(tuple(accepted), tuple(rejected), str(out), options)
@@ -355,29 +384,130 @@ def recrop(output_dir: str | Path, output: str, crop_box: tuple[int, int, int, i
         raise ValueError(f"crop_box: must be at least 8 pixels wide and high, got {tuple(crop_box)}")
     if abs(side - (bottom - top)) > max(1, side // 100):
         raise ValueError(f"crop_box: must be square, got {side}x{bottom - top} pixels")
-    bottom = top + side
-    original = Path(output_dir) / entry.original
+    rgb = _read_original(Path(output_dir), entry)
+    w, h = rgb.size
+    if right <= 0 or top + side <= 0 or left >= w or top >= h:
+        raise ValueError(f"crop_box: {tuple(crop_box)} lies outside the {w}x{h} photo")
+    return _apply_crop(report, entry, rgb, (left, top, right, top + side))
+
+
+def recrop_around(
+    output_dir: str | Path, output: str, focus: tuple[float, float], side: int | None = None
+) -> PrepReport:
+    """Crop one photo again as a square centred on `focus` (x, y in the original's pixels, e.g.
+    where the person clicked), `side` pixels across (default: the current crop's), moved to stay
+    inside the photo."""
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    rgb = _read_original(Path(output_dir), entry)
+    current = entry.crop_box[2] - entry.crop_box[0]
+    return _apply_crop(report, entry, rgb, square_around(focus, side or current, rgb.size))
+
+
+def recrop_auto(output_dir: str | Path, output: str, crop: str) -> PrepReport:
+    """Crop one photo again by one of CROP_MODES, as preparing does (auto, face, center, none)."""
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop: must be one of {', '.join(CROP_MODES)}, got {crop!r}")
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    rgb = _read_original(Path(output_dir), entry)
+    box, face, warnings = choose_crop_box(rgb, crop, report.options.subject_type)
+    return _apply_crop(report, entry, rgb, box, face=face, crop_warnings=warnings)
+
+
+def square_around(focus: tuple[float, float], side: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The square box `side` pixels across (at most the photo's short side) centred on `focus`,
+    moved (not shrunk) to lie inside a photo of `size`."""
+    w, h = size
+    x, y = focus
+    if not (0 <= x <= w and 0 <= y <= h):
+        raise ValueError(f"focus: ({x}, {y}) lies outside the {w}x{h} photo")
+    side = max(8, min(int(side), w, h))
+    left = min(max(round(x - side / 2), 0), w - side)
+    top = min(max(round(y - side / 2), 0), h - side)
+    return (left, top, left + side, top + side)
+
+
+def remove_photo(output_dir: str | Path, output: str) -> PrepReport:
+    """Take one photo out of the set: its square, caption and masks, and its original too (so
+    adding photos to the set, which prepares its originals again, does not bring it back). The
+    other photos keep their names, crops and captions; the set checks are redone without it."""
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    folder = Path(output_dir)
+    files = [entry.output, Path(entry.output).with_suffix(".txt").as_posix(), entry.mask, entry.original]
+    if entry.mask and entry.original:
+        files.append(mask_path(Path(entry.original)).as_posix())
+    # The square first: training reads the folder, so once it is gone the photo is out of the set.
+    # A failure part-way leaves the entry in the report, and removing it again finishes the job.
+    for name in filter(None, files):
+        path = (folder / name).resolve()
+        if path.parent not in (folder.resolve(), (folder / ORIGINALS_DIR).resolve()):
+            raise TrainingError(
+                f"{REPORT_NAME} of {folder} names a file outside the set ({name}); prepare it again."
+            )
+        path.unlink(missing_ok=True)
+    rest = dataclasses.replace(report, accepted=tuple(a for a in report.accepted if a.output != output))
+    return _save(_with_set_warnings(rest))
+
+
+def read_original(
+    output_dir: str | Path, output: str, max_side: int | None = None
+) -> tuple[Image.Image, float, AcceptedPhoto]:
+    """A prepared photo's original as RGB (EXIF orientation applied, so in the pixels crop boxes
+    use), shrunk to at most `max_side` on its long side; the factor it was shrunk by (1.0 when not)
+    and its report entry."""
+    report = read_report(output_dir)
+    entry = _find(report, output)
+    rgb = _read_original(Path(output_dir), entry)
+    scale = min(1.0, max_side / max(rgb.size)) if max_side else 1.0
+    if scale < 1.0:
+        rgb = rgb.resize(
+            (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.Resampling.LANCZOS
+        )
+    return rgb, scale, entry
+
+
+def _read_original(folder: Path, entry: AcceptedPhoto) -> Image.Image:
     try:
-        with Image.open(original) as im:
-            rgb = to_rgb(im)
+        with Image.open(folder / entry.original) as im:
+            return to_rgb(im)
     except (OSError, UnidentifiedImageError) as e:
         raise TrainingError(
-            f"The original of {output} cannot be read ({e}); prepare the photos again."
+            f"The original of {entry.output} cannot be read ({e}); prepare the photos again."
         ) from e
-    w, h = rgb.size
-    if right <= 0 or bottom <= 0 or left >= w or top >= h:
-        raise ValueError(f"crop_box: {tuple(crop_box)} lies outside the {w}x{h} photo")
-    box = (left, top, right, bottom)
-    resolution = report.options.resolution
-    square = render_square(rgb, box, resolution)
+
+
+def _apply_crop(
+    report: PrepReport,
+    entry: AcceptedPhoto,
+    rgb: Image.Image,
+    box: tuple[int, int, int, int],
+    *,
+    face: tuple[int, int, int, int] | None | bool = False,
+    crop_warnings: Sequence[str] = (),
+) -> PrepReport:
+    """Write the square (and its mask) of `box`, redo the warnings about the crop, and the set's.
+    `face`: the face the crop is centred on (False: keep the recorded one)."""
+    folder = Path(report.output_dir)
+    options = report.options
+    square = render_square(rgb, box, options.resolution)
     buffer = io.BytesIO()
     square.save(buffer, format="PNG")
-    atomic_write_bytes(Path(output_dir) / entry.output, buffer.getvalue())
+    atomic_write_bytes(folder / entry.output, buffer.getvalue())
     if entry.mask:
-        _rerender_mask(Path(output_dir), entry, box, resolution)
-    warnings = [w_ for w_ in entry.warnings if not w_.startswith(_CROP_WARNING_PREFIXES)]
-    warnings += _upscale_warning(_visible_side(box, rgb.size), resolution)
-    return _replace_entry(report, dataclasses.replace(entry, crop_box=box, warnings=tuple(warnings)))
+        _rerender_mask(folder, entry, box, options.resolution)
+    warnings = [w for w in entry.warnings if not w.startswith(_CROP_WARNING_PREFIXES)]
+    warnings += _crop_warnings(square, box, rgb.size, crop_warnings, options)
+    new = dataclasses.replace(
+        entry,
+        crop_box=box,
+        face_box=entry.face_box if face is False else face,
+        warnings=tuple(warnings),
+        sharpness=laplacian_variance(_visible_region(rgb, box, options.resolution)),
+    )
+    accepted = tuple(new if a.output == entry.output else a for a in report.accepted)
+    return _save(_with_set_warnings(dataclasses.replace(report, accepted=accepted)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,10 +641,9 @@ def _earlier_sources(out: Path) -> dict[Path, str]:
 
 def _prepare_one(path: Path, index: int, options: PrepOptions, given_as: str | None = None) -> _Prepared:
     rgb, fmt, warnings = _open_checked(path, options)
-    box, face, crop_warnings = choose_crop_box(rgb, options.crop)
+    box, face, crop_warnings = choose_crop_box(rgb, options.crop, options.subject_type)
     square = render_square(rgb, box, options.resolution)
-    warnings += crop_warnings
-    warnings += _upscale_warning(_visible_side(box, rgb.size), options.resolution)
+    warnings += _crop_warnings(square, box, rgb.size, crop_warnings, options)
     return _Prepared(
         source=path,
         fmt=fmt,
@@ -548,15 +677,35 @@ def _upscale_warning(side: int, resolution: int) -> list[str]:
     return [f"upscaled: the crop is {side} pixels across, under the training resolution of {resolution}"]
 
 
+def _crop_warnings(
+    square: Image.Image,
+    box: tuple[int, int, int, int],
+    size: tuple[int, int],
+    from_choice: Sequence[str],
+    options: PrepOptions,
+) -> list[str]:
+    """Warnings about one crop: how it was chosen, upscaling, and for a person, a face in it."""
+    warnings = list(from_choice) + _upscale_warning(_visible_side(box, size), options.resolution)
+    if options.subject_type == "person":
+        from .faces import has_face
+
+        # Said once, in the person's terms: the face crop's own "no face found" goes.
+        warnings = [w for w in warnings if not w.startswith("no face found")]
+        if not has_face(square):
+            warnings.append(NO_FACE_WARNING)
+    return warnings
+
+
 # ---------------------------------------------------------------------------------------------
 # Crops
 # ---------------------------------------------------------------------------------------------
 
 
 def choose_crop_box(
-    rgb: Image.Image, crop: str
+    rgb: Image.Image, crop: str, subject_type: str = ""
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int] | None, list[str]]:
-    """The square to keep (may reach past the edges only for `none`), the face it is centred on, warnings."""
+    """The square to keep (may reach past the edges only for `none`), the face it is centred on, warnings.
+    `auto` looks for a face unless the subject type says the set is of no person."""
     w, h = rgb.size
     if crop == "none":
         side = max(w, h)
@@ -566,6 +715,10 @@ def choose_crop_box(
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         return (left, top, left + side, top + side), None, []
+    if crop == "auto" and subject_type not in ("", "person"):
+        # The detector knows human faces only: in a pet, object or style set a false hit (in fur,
+        # in sand) would crop a close-up of nothing.
+        return saliency_crop_box(rgb), None, []
     from .faces import detect_faces
 
     faces = detect_faces(rgb)
@@ -761,24 +914,73 @@ def _visible_region(rgb: Image.Image, box: tuple[int, int, int, int], resolution
     return rgb.crop(inner).resize(size, Image.Resampling.BILINEAR)
 
 
-def _check_set(prepared: list[_Prepared]) -> None:
-    """Warnings that need the whole set: near-duplicates and photos much blurrier than the rest."""
-    for i, item in enumerate(prepared):
-        for other in prepared[:i]:
+@dataclass(frozen=True)
+class _Member:
+    """One photo as the set checks see it."""
+
+    name: str  # as the person knows it (the file they uploaded)
+    phash: int | None
+    sharpness: float | None
+    square: Image.Image  # what training sees
+
+
+def _set_warnings(members: Sequence[_Member]) -> list[list[str]]:
+    """Per photo, the warnings that need the whole set: a near-duplicate of an earlier photo, much
+    blurrier than the set, unlike the rest (outliers.py)."""
+    from .outliers import find_outliers
+
+    warnings: list[list[str]] = [[] for _ in members]
+    for i, item in enumerate(members):
+        for other in members[:i]:
+            if item.phash is None or other.phash is None:
+                continue
             distance = hamming(item.phash, other.phash)
             if distance <= DUPLICATE_MAX_BITS:
-                item.warnings.append(
-                    f"near-duplicate of {Path(other.given_as).name} ({distance} of 64 hash bits differ); "
-                    "one of them adds little"
+                warnings[i].append(
+                    f"near-duplicate of {other.name} ({distance} of 64 hash bits differ); one of them adds little"
                 )
                 break
-    if len(prepared) >= 3:
-        median = statistics.median(p.sharpness for p in prepared)
-        for item in prepared:
-            if item.sharpness < BLUR_FRACTION * median:
-                item.warnings.append(
+    sharpness = [m.sharpness for m in members if m.sharpness is not None]
+    if len(sharpness) >= 3:
+        median = statistics.median(sharpness)
+        for item, found in zip(members, warnings, strict=True):
+            if item.sharpness is not None and item.sharpness < BLUR_FRACTION * median:
+                found.append(
                     f"blurry: {item.sharpness / median:.0%} of the set's median sharpness; a sharper photo trains better"
                 )
+    for outlier, found in zip(find_outliers([m.square for m in members]), warnings, strict=True):
+        if outlier is not None:
+            found.append(outlier.warning)
+    return warnings
+
+
+def _with_set_warnings(report: PrepReport) -> PrepReport:
+    """The report with every photo's set warnings redone from the squares on disk (after an edit)."""
+    folder = Path(report.output_dir)
+    members, accepted = [], []
+    for entry in report.accepted:
+        try:
+            with Image.open(folder / entry.output) as im:
+                square = im.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise TrainingError(f"{entry.output} cannot be read ({e}); prepare the photos again.") from e
+        if entry.phash is None or entry.sharpness is None:  # a report from before these were kept
+            rgb = _read_original(folder, entry)
+            entry = dataclasses.replace(
+                entry,
+                phash=perceptual_hash(rgb),
+                sharpness=laplacian_variance(_visible_region(rgb, entry.crop_box, report.options.resolution)),
+            )
+        members.append(_Member(Path(entry.source).name, entry.phash, entry.sharpness, square))
+        accepted.append(entry)
+    fresh = _set_warnings(members)
+    accepted = [
+        dataclasses.replace(
+            entry, warnings=(*(w for w in entry.warnings if not w.startswith(_SET_WARNING_PREFIXES)), *extra)
+        )
+        for entry, extra in zip(accepted, fresh, strict=True)
+    ]
+    return dataclasses.replace(report, accepted=tuple(accepted))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,6 +1049,9 @@ def _find(report: PrepReport, output: str) -> AcceptedPhoto:
 
 def _replace_entry(report: PrepReport, new: AcceptedPhoto) -> PrepReport:
     accepted = tuple(new if a.output == new.output else a for a in report.accepted)
-    report = dataclasses.replace(report, accepted=accepted)
+    return _save(dataclasses.replace(report, accepted=accepted))
+
+
+def _save(report: PrepReport) -> PrepReport:
     atomic_write_json(Path(report.output_dir) / REPORT_NAME, report.to_json())
     return report

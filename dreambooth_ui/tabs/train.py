@@ -124,7 +124,14 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
         preset=preset, adapter_name=adapter_name, plan=plan, settings=settings, status=status, plot=plot, scores=scores,
         samples=samples, resume=resume, go_generate=go_generate, finished=finished, timer=timer,
     )  # fmt: skip
-    for trigger in (dataset.change, photos.subject.change, base_model.change, preset.change):
+    # (`removals`: a photo taken out of the set on the Photos tab changes the photo count.)
+    for trigger in (
+        dataset.change,
+        photos.subject.change,
+        photos.removals.change,
+        base_model.change,
+        preset.change,
+    ):
         trigger(
             bind(on_plan, studios, tab), tab.plan_inputs, [plan, eval_note, *settings.values()],
             api_visibility="private",
