@@ -40,6 +40,7 @@ from .components import (
     architecture,
     assemble_pipeline,
     default_resolution,
+    dora_magnitudes,
     load_components,
     load_vae,
     lora_parameters,
@@ -472,7 +473,12 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         models.unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
-    optimizer = make_optimizer(config, lora_parameters(models.unet), lora_parameters(*trained[1:]))
+    optimizer = make_optimizer(
+        config,
+        lora_parameters(models.unet),
+        lora_parameters(*trained[1:]),
+        no_decay=dora_magnitudes(*trained),
+    )
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
