@@ -493,6 +493,10 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
     return Trainer(modules[0], modules[1:], optimizer, lr_scheduler, params, weight_dtype)
 
 
+# The parameter-group entries a run's config sets; on resume this run's values win.
+_GROUP_SETTINGS = ("name", "lr", "initial_lr", "weight_decay", "betas", "eps", "d_coef")
+
+
 def restore(
     config: TrainConfig, accelerator, models: Models, trainer: Trainer, ckpt, emit: Emit
 ) -> TrainState:
@@ -506,7 +510,9 @@ def restore(
         return TrainState()
     checkpoints.load_lora_state(models.lora_models(config.train_text_encoder), ckpt.lora)
     optimizer, lr_scheduler = trainer.optimizer, trainer.lr_scheduler
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # Only the settings: the rest of a group is the optimizer's own running state (Prodigy keeps its
+    # step-size estimate d and step count k there), which must come from the checkpoint.
+    fresh = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError) as e:  # other parameter groups (made by an older version)
