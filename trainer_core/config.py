@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "prodigy")
+TOKEN_INITS = ("class", "random")
+MAX_NEW_TOKENS = 8
 SUBJECT_TYPES = ("person", "pet", "object", "style")
 # The built-in offline base models (built on first use, no download): id -> (architecture, label).
 TINY_MODELS: dict[str, tuple[str, str]] = {
@@ -90,6 +93,26 @@ class TrainConfig:
         False,
         "DoRA: train each layer's weight magnitude apart from its LoRA-updated direction (peft); "
         "closer to full fine-tuning at the same rank, slower per step.",
+    )
+    # pivotal tuning (new token embeddings trained with the LoRA)
+    pivotal_tuning: bool = _f(
+        False,
+        "Pivotal tuning (diffusers' advanced SDXL script, LoRA-ease): the trigger word is replaced in "
+        "every prompt by new tokens (<s0><s1>...) whose embeddings, in each text encoder (both of "
+        "SDXL's), train with the LoRA; saved beside it as an embeddings file AUTOMATIC1111 and "
+        "ComfyUI load, and applied by the app's generator. Needs a trigger word (token).",
+    )
+    num_new_tokens: int = _f(2, "With pivotal tuning: how many new tokens replace the trigger word.")
+    token_init: str = _f(
+        "class",
+        f"With pivotal tuning, how the new embeddings start: {' or '.join(TOKEN_INITS)} (class: the "
+        "class noun's embedding, e.g. 'dog', random when there is none; random: normal noise at the "
+        "embedding table's std, as diffusers' script does).",
+    )
+    token_embedding_lr: float = _f(
+        5e-4,
+        "With pivotal tuning: learning rate of the new token embeddings (textual inversion's usual "
+        "5e-4; no weight decay; Prodigy uses learning_rate).",
     )
     # data
     resolution: int | None = _f(
@@ -255,6 +278,23 @@ class TrainConfig:
             raise bad("checkpoints_total_limit", "must be >= 1 or unset")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", f"must be a positive number, got {self.alpha}")
+        if self.pivotal_tuning and not self.identifier_token:
+            raise bad(
+                "token",
+                "pivotal tuning replaces the trigger word with new tokens: give the token (e.g. 'sks') "
+                "or a class prompt without it",
+            )
+        if isinstance(self.num_new_tokens, bool) or not (
+            isinstance(self.num_new_tokens, int) and 1 <= self.num_new_tokens <= MAX_NEW_TOKENS
+        ):
+            raise bad(
+                "num_new_tokens",
+                f"must be an integer from 1 to {MAX_NEW_TOKENS}, got {self.num_new_tokens!r}",
+            )
+        if self.token_init not in TOKEN_INITS:
+            raise bad("token_init", f"must be one of {', '.join(TOKEN_INITS)}, got {self.token_init!r}")
+        if not (self.token_embedding_lr > 0 and math.isfinite(self.token_embedding_lr)):
+            raise bad("token_embedding_lr", f"must be a positive number, got {self.token_embedding_lr}")
         if not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
             raise bad("text_encoder_lr", f"must be a positive number, got {self.text_encoder_lr}")
         for name in ("adam_weight_decay", "text_encoder_weight_decay"):
@@ -332,6 +372,34 @@ class TrainConfig:
         extra = [w for w in _words(self.instance_prompt) if w not in class_words]
         return extra[0] if extra else None
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoders run in every step (their LoRA or new token embeddings train)."""
+        return self.train_text_encoder or self.pivotal_tuning
+
+    @property
+    def pivotal_tokens(self) -> tuple[str, ...]:
+        """The new tokens that stand for the trigger word with pivotal tuning ("<s0>", "<s1>", ...)."""
+        return tuple(f"<s{i}>" for i in range(self.num_new_tokens)) if self.pivotal_tuning else ()
+
+    def with_pivotal_tokens(self, prompt: str) -> str:
+        """`prompt` as training reads it: with pivotal tuning the trigger word becomes "<s0><s1>"."""
+        if not self.pivotal_tuning:
+            return prompt
+        return replace_word(prompt, self.identifier_token or "", "".join(self.pivotal_tokens))
+
+    @property
+    def pivotal_init_word(self) -> str | None:
+        """The class noun the new embeddings start from (token_init "class"): the class prompt's last
+        word, else the instance prompt's word after the trigger; None (random) when there is neither."""
+        if self.token_init != "class":
+            return None
+        if self.class_prompt and _words(self.class_prompt):
+            return _words(self.class_prompt)[-1]
+        words, token = _words(self.instance_prompt), (self.identifier_token or "").lower()
+        after = words[words.index(token) + 1 :] if token in words else []
+        return after[0] if after else None
+
     def prompt_without_token(self, prompt: str) -> str | None:
         token = self.identifier_token
         if not token or token.lower() not in _words(prompt):
@@ -375,6 +443,21 @@ class TrainConfig:
 
 def _words(text: str) -> list[str]:
     return [w.strip(",.").lower() for w in text.split()]
+
+
+def replace_word(prompt: str, word: str, replacement: str) -> str:
+    """Every whole-word `word` in `prompt` (case-insensitive; a trailing or leading "," or "." kept,
+    as `_words` reads words) replaced by `replacement`."""
+
+    def swap(match: re.Match) -> str:
+        text = match.group(0)
+        core = text.strip(",.")
+        if not word or core.lower() != word.lower():
+            return text
+        start = text.index(core)
+        return text[:start] + replacement + text[start + len(core) :]
+
+    return re.sub(r"\S+", swap, prompt)
 
 
 def field_help(name: str) -> str:
