@@ -290,3 +290,17 @@ def test_the_store_keeps_the_embeddings_with_the_adapter(runs, tmp_path):
     _stage_for_hub(renamed.path, staging)
     assert (staging / "my-dog_emb.safetensors").is_file()
     assert "<s0><s1>" in hub_model_card(info, "me/my-dog", [])
+
+
+def test_a_checkpoint_exports_as_an_adapter_with_its_embeddings(runs, tmp_path):
+    from trainer_core.evaluate import export_checkpoint
+
+    _, cfg, result = runs["sdxl"]
+    out = export_checkpoint(cfg.output_dir, cfg.max_train_steps, tmp_path / "exported")
+    info = json.loads((out / "adapter.json").read_text())
+    assert info["pivotal_tokens"] == TOKENS and info["files"]["embeddings"] == "sks-dog-step4_emb.safetensors"
+    exported = load_file(str(out / info["files"]["embeddings"]))
+    trained = load_file(str(result.adapter_dir / "sks-dog_emb.safetensors"))
+    assert exported.keys() == trained.keys() == {"clip_l", "clip_g"}
+    for key in trained:
+        assert torch.equal(exported[key], trained[key])
