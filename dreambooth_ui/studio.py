@@ -551,6 +551,13 @@ class Studio:
         if refusal:
             raise UserError(refusal)
         run_id = time.strftime("%Y%m%d-%H%M%S-") + safe_name(config.adapter_name or "run", "adapter name")
+        if config.masked_loss:
+            # The Photos tab prepares no masks: a set without them gets prep's own here, or masked
+            # loss would train every photo whole. (A set that has them keeps them.)
+            from trainer_core.prep import REPORT_NAME, add_masks
+
+            if (Path(config.instance_dir) / REPORT_NAME).is_file():
+                _engine_call(add_masks, config.instance_dir)
         try:
             self.runner.start(config, run_id)
         except JobBusy as e:

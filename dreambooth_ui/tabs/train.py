@@ -200,7 +200,7 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
     with gr.Row(elem_classes="phone-stack"):
         boxes["use_dora"] = gr.Checkbox(label="DoRA")
         boxes["caption_dropout"] = gr.Number(label="Caption dropout (0-1)")
-        boxes["masked_loss"] = gr.Checkbox(label="Masked loss (needs masks from prep)")
+        boxes["masked_loss"] = gr.Checkbox(label="Masked loss (subject masks are made at start)")
         boxes["bucketing"] = gr.Checkbox(label="Aspect-ratio buckets")
     with gr.Row(elem_classes="phone-stack"):
         boxes["pivotal_tuning"] = gr.Checkbox(label="Pivotal tuning (new tokens for the trigger word)")
