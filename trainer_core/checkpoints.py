@@ -2,10 +2,11 @@
 
 A checkpoint folder `checkpoint-<step>` holds `lora.safetensors` (peft LoRA keys under a component
 prefix: `unet.`, `text_encoder.`, `text_encoder_2.`), `optimizer.pt`, `scheduler.pt`, `scaler.pt`
-(fp16 runs only), `embeddings.safetensors` (pivotal tuning only: the new token rows per text encoder,
-`text_encoder` / `text_encoder_2`) and `state.json` (step, seconds, the resume identity, the architecture). It is
-built in a temporary folder and renamed only when complete, with `state.json` written last; old
-checkpoints are removed only after the new one exists. So a crash or a full disk during a save
+(fp16 runs only), `embeddings.safetensors` (pivotal tuning only: the new token rows per text
+encoder, `text_encoder` / `text_encoder_2`) and `state.json` (step, seconds, the resume identity,
+the architecture; with pivotal tuning its tokens and trigger word). It is built in a temporary
+folder and renamed only when complete, with `state.json` written last; old checkpoints are
+removed only after the new one exists. So a crash or a full disk during a save
 leaves the previous checkpoint as `latest`, and a damaged checkpoint is skipped on resume.
 
 Importing this module does not import torch (the app's job list reads checkpoints without it).

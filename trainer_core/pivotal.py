@@ -68,6 +68,8 @@ def add_tokens(
 
 def _use_rows(module, args, output):
     """The embedding's output with the trained rows in place of the table's for the new ids."""
+    if not args:  # called with keyword arguments only: not CLIP's embedding layer, leave it
+        return output
     ids = args[0]
     rows = module.pivotal_rows
     first = module.pivotal_first_id
