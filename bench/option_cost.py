@@ -1,11 +1,13 @@
-"""CPU cost per training step of the issue-16 data options against plain training, in one run.
+"""CPU cost per training step of the issue-16 options against plain training, in one run.
 
 Trains the tiny SD 1.5 (built offline) on the same mixed landscape/portrait/square photos, with
-prior preservation, three ways: plain (square crops), masked_loss (every photo with a half mask)
-and bucketing. The ways take turns, round by round, so a change in machine load hits all alike;
-the per-step time is the median gap between consecutive steps in each run's metrics.jsonl.
+prior preservation, in several ways: plain (square crops, UNet LoRA), masked_loss (every photo with
+a half mask), bucketing, text_encoder (a text-encoder LoRA too), pivotal (pivotal tuning: two new
+token embeddings), pivotal+text_encoder (the person preset's pair) and dora. The ways take turns,
+round by round, so a change in machine load hits all alike; the per-step time is the median gap
+between consecutive steps in each run's metrics.jsonl.
 
-    python bench/option_cost.py [--steps 20] [--rounds 2] [--resolution 128]
+    python bench/option_cost.py [--steps 20] [--rounds 2] [--resolution 128] [--ways plain,pivotal]
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WAYS = {"plain": {}, "masked_loss": {"masked_loss": True}, "bucketing": {"bucketing": True}}
+WAYS = {
+    "plain": {},
+    "masked_loss": {"masked_loss": True},
+    "bucketing": {"bucketing": True},
+    "text_encoder": {"train_text_encoder": True},
+    "pivotal": {"pivotal_tuning": True},
+    "pivotal+text_encoder": {"pivotal_tuning": True, "train_text_encoder": True},
+    "dora": {"use_dora": True},
+}
 SIZES = {"wide": (160, 80), "tall": (80, 160), "square": (96, 96), "wide-2": (150, 72)}
 
 
@@ -56,7 +66,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--ways", default=",".join(WAYS), help="comma list (plain is always measured)")
     args = parser.parse_args()
+    ways = {w: WAYS[w] for w in WAYS if w == "plain" or w in args.ways.split(",")}
 
     import torch
 
@@ -69,9 +81,9 @@ def main() -> int:
         root = Path(tmp)
         model = make_tiny_model(root / "tiny-sd15")
         photos, klass = _photos(root / "photos"), _class_images(root / "class")
-        per_step: dict[str, list[float]] = {w: [] for w in WAYS}
+        per_step: dict[str, list[float]] = {w: [] for w in ways}
         for r in range(args.rounds):
-            for way, options in WAYS.items():
+            for way, options in ways.items():
                 out = root / f"{way}-{r}"
                 config = TrainConfig(
                     base_model=str(model), instance_dir=str(photos), instance_prompt="a photo of sks dog",

@@ -61,6 +61,7 @@ CLIENT_FIELDS = frozenset({
     "bucketing", "masked_loss",  # issue 16 (masked_loss needs masks: prep's `masks` option)
     "text_encoder_lr", "text_encoder_weight_decay", "optimizer", "prodigy_d_coef",
     "prodigy_safeguard_warmup", "prodigy_use_bias_correction", "use_dora", "caption_dropout",
+    "pivotal_tuning", "num_new_tokens", "token_init", "token_embedding_lr",
     "eval_models", "num_eval_prompts", "num_eval_class_images", "best_metric", "best_clip_t_tolerance",
     "best_pres_tolerance",
     # paths: with logins, resolved inside the user's own folder (relative paths start there)
@@ -550,6 +551,13 @@ class Studio:
         if refusal:
             raise UserError(refusal)
         run_id = time.strftime("%Y%m%d-%H%M%S-") + safe_name(config.adapter_name or "run", "adapter name")
+        if config.masked_loss:
+            # The Photos tab prepares no masks: a set without them gets prep's own here, or masked
+            # loss would train every photo whole. (A set that has them keeps them.)
+            from trainer_core.prep import REPORT_NAME, add_masks
+
+            if (Path(config.instance_dir) / REPORT_NAME).is_file():
+                _engine_call(add_masks, config.instance_dir)
         try:
             self.runner.start(config, run_id)
         except JobBusy as e:

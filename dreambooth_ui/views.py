@@ -133,10 +133,20 @@ def plan_markdown(config: Any, n_photos: int, subject: str, estimate: str, prese
         if config.with_prior_preservation
         else "no prior preservation"
     )
+    from trainer_core.config import SUBJECT_TYPES, preset_note
+
+    extras = [
+        "pivotal tuning" if config.pivotal_tuning else "",
+        f"text-encoder LoRA at {config.text_encoder_lr:g}" if config.train_text_encoder else "",
+        "DoRA" if config.use_dora else "",
+        f"caption dropout {config.caption_dropout:g}" if config.caption_dropout else "",
+    ]
+    extra_text = "".join(f", {e}" for e in extras if e)
+    note = f"\n\n*{preset_note(subject)}*" if subject in SUBJECT_TYPES else ""
     return (
         f"**{preset} preset for {n_photos} {subject} photos:** {config.max_train_steps} steps, rank {config.rank}, "
-        f"learning rate {config.learning_rate:g}, {prior_text}. "
-        f"Prompt: “{config.instance_prompt}”.\n\n{estimate}"
+        f"learning rate {config.learning_rate:g}, {prior_text}{extra_text}. "
+        f"Prompt: “{config.instance_prompt}”.{note}\n\n{estimate}"
     )
 
 

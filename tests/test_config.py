@@ -89,3 +89,40 @@ def test_presets(subject):
 def test_preset_rejects_unknown_subject():
     with pytest.raises(ValueError, match="^subject_type:"):
         preset_config("car", 5)
+
+
+def test_presets_use_the_training_options_and_say_why_in_one_line():
+    """Faces: pivotal tuning + a text-encoder LoRA at a lower rate than the UNet's (the issue's
+    example, as LoRA-ease and diffusers' advanced script train them); pets: pivotal tuning; objects:
+    no flips; styles: caption dropout and flips. Each preset explains its choices in one line."""
+    from trainer_core.config import SUBJECT_TYPES, preset_note
+
+    def preset(subject):
+        return preset_config(subject, 10, instance_dir="p", output_dir="o")
+
+    person = preset("person")
+    assert person.pivotal_tuning and person.train_text_encoder
+    assert person.text_encoder_lr < person.learning_rate
+    assert person.pivotal_init_word == "person"
+    pet = preset("pet")
+    assert pet.pivotal_tuning and not pet.train_text_encoder and pet.pivotal_init_word == "dog"
+    assert not preset("object").random_flip and not preset("object").pivotal_tuning
+    style = preset("style")
+    assert style.caption_dropout > 0 and style.random_flip and not style.pivotal_tuning
+    assert (
+        preset_config("person", 10, pivotal_tuning=False, instance_dir="p", output_dir="o").pivotal_tuning
+        is False
+    )
+    for subject in SUBJECT_TYPES:
+        note = preset_note(subject)
+        assert note.startswith(f"{subject.capitalize()} preset: ") and "\n" not in note
+
+
+def test_the_page_plan_names_the_preset_options_and_its_reason():
+    from dreambooth_ui.views import plan_markdown
+    from trainer_core.config import preset_note
+
+    config = preset_config("person", 10, instance_dir="p", output_dir="o")
+    text = plan_markdown(config, 10, "person", "About 5 minutes.")
+    assert "pivotal tuning" in text and "text-encoder LoRA at 5e-05" in text
+    assert preset_note("person") in text

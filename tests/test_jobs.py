@@ -253,3 +253,31 @@ def _adapter(folder: Path, name: str) -> Path:
     (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
     (folder / "adapter.json").write_text(json.dumps({"name": name, "steps": 1}))
     return folder
+
+
+def test_masked_loss_from_the_app_trains_with_the_sets_masks(tmp_path):
+    """The Photos tab prepares no masks; a run started from the page (or the API) with masked loss
+    gets prep's own masks written into the set first, so it does not silently train every photo whole."""
+    from dataclasses import replace
+
+    from conftest import write_photos
+
+    from dreambooth_ui.studio import Studio
+
+    trainer = ScriptedTrainer(steps=1)
+    studio = Studio(tmp_path / "data", train_fn=trainer)
+    photos = sorted(write_photos(tmp_path / "photos", n=2).iterdir())
+    studio.prepare_photos(photos, "dog", class_noun="dog", resolution=64)
+    plain = studio.plan_training("dog", subject_type="pet", class_noun="dog", max_train_steps=1)
+    folder = Path(plain.instance_dir)
+    studio.start_training(plain)
+    trainer.release(1)
+    assert studio.runner.wait(20)
+    assert not list(folder.glob("*.mask.png")), "masks only when masked loss is asked for"
+    studio.start_training(replace(plain, masked_loss=True))
+    trainer.release(1)
+    assert studio.runner.wait(20)
+    assert len(list(folder.glob("*.mask.png"))) == 2 and len(list(folder.glob("originals/*.mask.png"))) == 2
+    from trainer_core.prep import read_report
+
+    assert all(a.mask for a in read_report(folder).accepted)

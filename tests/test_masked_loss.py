@@ -9,6 +9,8 @@ OneTrainer: only the error there is ignored, not the pixels' influence on the su
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,30 @@ def test_prep_masks_the_busiest_region_without_a_face(tmp_path):
     full = _read_l(tmp_path / "out" / "originals" / "001-cat-wide.mask.png") / 255.0
     assert full[:, :451].mean() > 0.8, "most of the cat is subject"
     assert full[:, 700:].max() == 0, "the plain background is not"
+
+
+def test_masks_added_to_a_prepared_set_equal_prep_s_own(tmp_path):
+    """A set prepared without masks (the page's photo preparation has no mask option) gets the very
+    masks `prep --masks` writes (face and busiest-region alike) when masked loss is asked for later."""
+    from trainer_core.prep import PrepOptions, add_masks, prepare_photos, read_report
+
+    canvas = Image.new("RGB", (1600, 560), (110, 110, 110))
+    canvas.paste(_skimage_photo("astronaut"), (1600 - 512, 48))
+    canvas.save(tmp_path / "astronaut-wide.jpg", quality=92)
+    cat = Image.new("RGB", (1400, 300), (235, 235, 235))
+    cat.paste(_skimage_photo("chelsea"), (0, 0))
+    cat.save(tmp_path / "cat-wide.png")
+    inputs = [tmp_path / "astronaut-wide.jpg", tmp_path / "cat-wide.png"]
+    with_masks, plain = tmp_path / "with", tmp_path / "plain"
+    prepare_photos(inputs, with_masks, PrepOptions(resolution=128, masks=True))
+    prepare_photos(inputs, plain, PrepOptions(resolution=128))
+    assert all(not a.mask for a in read_report(plain).accepted)
+    assert add_masks(plain) == 2
+    expected, got = read_report(with_masks), read_report(plain)
+    assert got.options.masks
+    for a, b in zip(expected.accepted, got.accepted, strict=True):
+        assert a.mask == b.mask and b.mask
+        assert np.array_equal(_read_l(with_masks / a.mask), _read_l(plain / b.mask))
+        original_mask = mask_path(Path(a.original))
+        assert np.array_equal(_read_l(with_masks / original_mask), _read_l(plain / original_mask))
+    assert add_masks(plain) == 0, "masks already there are kept"

@@ -185,3 +185,67 @@ def test_stop_and_resume_with_the_new_options_equals_a_straight_run(tiny_model, 
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     metrics = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in metrics] == list(range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def dora_models(tiny_sdxl):
+    """SDXL's UNet and both text encoders with DoRA attached (a magnitude vector per layer)."""
+    parts, _ = components.load_components(str(tiny_sdxl))
+    unet, te, te2 = parts["unet"], parts["text_encoder"], parts["text_encoder_2"]
+    torch.manual_seed(0)
+    components.add_lora(
+        unet, te, rank=4, alpha=4.0, train_text_encoder=True, text_encoder_2=te2, use_dora=True
+    )
+    return unet, te, te2
+
+
+def test_dora_magnitudes_get_no_weight_decay(dora_models, tmp_path):
+    """DoRA's magnitudes are each layer's weight norms, not a low-rank update: decaying them shrinks
+    the layer's output towards zero. Like biases and norms in kohya's and OneTrainer's optimizers
+    (and nanoGPT's), they sit in groups without weight decay, at their component's learning rate."""
+    unet, te, te2 = dora_models
+    unet_params, te_params = components.lora_parameters(unet), components.lora_parameters(te, te2)
+    magnitudes = components.dora_magnitudes(unet, te, te2)
+    assert magnitudes and {id(p) for p in magnitudes} <= {id(p) for p in unet_params + te_params}
+    config = _config(tmp_path, text_encoder_lr=2e-5, adam_weight_decay=0.1, text_encoder_weight_decay=0.5)
+    optimizer = make_optimizer(config, unet_params, te_params, no_decay=magnitudes)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert [g["name"] for g in optimizer.param_groups][0] == "unet"  # metrics log the first group's lr
+    no_decay = [g for g in optimizer.param_groups if g["weight_decay"] == 0.0]
+    assert {id(p) for g in no_decay for p in g["params"]} == {id(p) for p in magnitudes}
+    assert groups["unet"]["weight_decay"] == 0.1 and groups["text_encoder"]["weight_decay"] == 0.5
+    assert groups["unet_no_decay"]["lr"] == 1e-3 and groups["text_encoder_no_decay"]["lr"] == 2e-5
+    every = [p for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(map(id, every)) == sorted(map(id, unet_params + te_params))  # each exactly once
+
+    # One step with zero gradients: only weight decay moves a weight. The LoRA matrices shrink by
+    # lr * wd; the magnitudes stay bit-identical.
+    before = {id(p): p.detach().clone() for p in every}
+    for p in every:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    with torch.no_grad():
+        for p in magnitudes:
+            assert torch.equal(p, before[id(p)])
+        lora_a = next(p for p in unet_params if p.dim() == 2 and p.abs().max() > 0)
+        assert torch.allclose(lora_a, before[id(lora_a)] * (1 - 1e-3 * 0.1), rtol=0, atol=1e-9)
+        for p in every:
+            p.copy_(before[id(p)])
+            p.grad = None
+
+
+def test_prodigy_keeps_dora_magnitudes_free_of_decay_too(dora_models, tmp_path):
+    unet, te, te2 = dora_models
+    config = _config(tmp_path, optimizer="prodigy", learning_rate=1.0)
+    optimizer = make_optimizer(
+        config,
+        components.lora_parameters(unet),
+        components.lora_parameters(te, te2),
+        no_decay=components.dora_magnitudes(unet, te, te2),
+    )
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {
+        "unet": 1e-2,
+        "unet_no_decay": 0.0,
+        "text_encoder": 1e-3,
+        "text_encoder_no_decay": 0.0,
+    }

@@ -8,6 +8,10 @@ Layout (the contract in DESIGN.md):
                                        lora_te_*, or lora_te1_* / lora_te2_* for SDXL), each with its alpha
     adapter.json, config.json, metrics.jsonl, samples/, README.md
 
+With pivotal tuning the new tokens' embeddings come too, as `<name>_emb.safetensors` in the layout
+AUTOMATIC1111 and ComfyUI load (`clip_l`/`clip_g` for SDXL, `emb_params` for SD 1.5; see pivotal.py),
+and the model card says how to use them in each tool.
+
 A DoRA (use_dora) is saved with its magnitudes too: `lora_magnitude_vector` in the diffusers file,
 `<module>.dora_scale` (per output feature, as ComfyUI and Forge apply it) in the kohya file.
 
@@ -240,15 +244,20 @@ def save_adapter(
     text_encoder_2=None,
     peft_adapter: str = "default",
     replace: bool = True,
+    token_embeddings: dict[str, torch.Tensor] | None = None,
+    pivotal_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write the complete adapter folder atomically; an existing folder is replaced only on success.
 
     The architecture (SD 1.5 or SDXL) comes from the UNet; `text_encoder_2` is SDXL's second text
-    encoder. `peft_adapter` names the peft adapter on the models to save.
+    encoder. `peft_adapter` names the peft adapter on the models to save. A pivotal-tuning run passes
+    its new tokens and their embeddings (`pivotal.rows_state`), written as `<name>_emb.safetensors`.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
+
+    from . import pivotal
 
     name = sanitize_name(name)
     arch = adapter_architecture(unet)
@@ -292,6 +301,9 @@ def save_adapter(
     kohya_file = (
         f"{name}.safetensors" if f"{name}.safetensors" != LORA_WEIGHT_NAME else f"{name}-kohya.safetensors"
     )
+    embeddings_file = f"{name}_emb.safetensors" if token_embeddings else None
+    if token_embeddings:
+        check_finite(token_embeddings, "token embeddings")
     adapter_dir = Path(adapter_dir)
     with atomic_directory(adapter_dir, replace=replace) as tmp:
         # The adapter metadata carries lora_alpha: without it diffusers would load alpha = rank and
@@ -316,6 +328,14 @@ def save_adapter(
                 "ss_output_name": name,
             },
         )
+        files = {"diffusers": LORA_WEIGHT_NAME, "kohya": kohya_file}
+        if token_embeddings:
+            save_file(
+                pivotal.file_layout(token_embeddings, arch),
+                str(tmp / embeddings_file),
+                metadata={"tokens": ",".join(pivotal_tokens), "trigger": str(metadata.get("token") or "")},
+            )
+            files["embeddings"] = embeddings_file
         info = {
             "name": name,
             "architecture": arch,
@@ -323,8 +343,9 @@ def save_adapter(
             "alpha": alpha,
             "text_encoder_lora": bool(te_loras),
             "dora": bool(unet_cfg.use_dora),
+            "pivotal_tokens": list(pivotal_tokens) if token_embeddings else [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": {"diffusers": LORA_WEIGHT_NAME, "kohya": kohya_file},
+            "files": files,
             **metadata,
         }
         (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
@@ -358,6 +379,16 @@ def model_card(info: dict[str, Any]) -> str:
     name = info["name"]
     trigger = info.get("token") or ""
     sdxl = info.get("architecture") == "sdxl"
+    tokens = info.get("pivotal_tokens") or []
+    embeddings_file = (info.get("files") or {}).get("embeddings")
+    pivotal = bool(tokens and embeddings_file)
+    prompt = info.get("instance_prompt", "") or ""
+    from .config import replace_word
+
+    token_prompt = replace_word(prompt, trigger, "".join(tokens)) if pivotal else prompt
+    emb_name = Path(embeddings_file).stem if pivotal else ""
+    a1111_prompt = replace_word(prompt, trigger, emb_name) if pivotal else prompt
+    comfy_prompt = replace_word(prompt, trigger, f"embedding:{emb_name}") if pivotal else prompt
     pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     checkpoint = "an SDXL" if sdxl else "an SD 1.5"
     if info.get("imported"):
@@ -382,7 +413,7 @@ instance_prompt: {json.dumps(info.get("instance_prompt", ""))}
 - Trigger word: `{trigger}`
 - Class prompt (prior preservation): `{info.get("class_prompt") or "none"}`
 
-## Use it
+{_pivotal_intro(trigger, tokens, embeddings_file) if pivotal else ""}## Use it
 
 diffusers:
 
@@ -390,14 +421,54 @@ diffusers:
 from diffusers import {pipeline_class}
 pipe = {pipeline_class}.from_pretrained("{info.get("base_model", "")}")
 pipe.load_lora_weights("path/to/this/folder")
-image = pipe("{info.get("instance_prompt", "")}").images[0]
+{_diffusers_embeddings(tokens, embeddings_file, sdxl) if pivotal else ""}image = pipe("{
+        token_prompt
+    }").images[0]
 ```
 
-AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora` and prompt with
-`<lora:{name}:1> {info.get("instance_prompt", "")}` with {checkpoint} checkpoint selected.
+AUTOMATIC1111: copy `{name}.safetensors` into `models/Lora`{
+        _a1111_embeddings(embeddings_file) if pivotal else ""
+    } and prompt with
+`<lora:{name}:1> {a1111_prompt}` with {checkpoint} checkpoint selected.
 
-ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node.
+ComfyUI: copy `{name}.safetensors` into `models/loras` and load it with a "Load LoRA" node{
+        _comfy_embeddings(embeddings_file, comfy_prompt) if pivotal else "."
+    }
 {_DORA_NOTE if info.get("dora") else ""}"""
+
+
+def _pivotal_intro(trigger: str, tokens: list[str], embeddings_file: str) -> str:
+    return f"""## Pivotal tuning: the trigger word is new tokens
+
+This adapter was trained with pivotal tuning: in its prompts the trigger word `{trigger}` stood for the
+new tokens `{"".join(tokens)}`, whose embeddings (one per text encoder) are in `{embeddings_file}`. Use
+that file with the LoRA, and its tokens where the trigger word goes. (DreamBooth Studio does both by
+itself: prompt with `{trigger}` as usual.)
+
+"""
+
+
+def _diffusers_embeddings(tokens: list[str], embeddings_file: str, sdxl: bool) -> str:
+    token_list = "[" + ", ".join(f'"{t}"' for t in tokens) + "]"
+    head = (
+        f'from safetensors.torch import load_file\nemb = load_file("path/to/this/folder/{embeddings_file}")\n'
+    )
+    if not sdxl:
+        return head + f'pipe.load_textual_inversion(emb["emb_params"], token={token_list})\n'
+    return head + (
+        f'pipe.load_textual_inversion(emb["clip_l"], token={token_list}, '
+        "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)\n"
+        f'pipe.load_textual_inversion(emb["clip_g"], token={token_list}, '
+        "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n"
+    )
+
+
+def _a1111_embeddings(embeddings_file: str) -> str:
+    return f" and `{embeddings_file}` into `embeddings` (its name is the word that calls it)"
+
+
+def _comfy_embeddings(embeddings_file: str, comfy_prompt: str) -> str:
+    return f"; copy `{embeddings_file}` into `models/embeddings` and prompt with `{comfy_prompt}`."
 
 
 _DORA_NOTE = """

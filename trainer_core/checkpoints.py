@@ -2,9 +2,11 @@
 
 A checkpoint folder `checkpoint-<step>` holds `lora.safetensors` (peft LoRA keys under a component
 prefix: `unet.`, `text_encoder.`, `text_encoder_2.`), `optimizer.pt`, `scheduler.pt`, `scaler.pt`
-(fp16 runs only) and `state.json` (step, seconds, the resume identity, the architecture). It is
-built in a temporary folder and renamed only when complete, with `state.json` written last; old
-checkpoints are removed only after the new one exists. So a crash or a full disk during a save
+(fp16 runs only), `embeddings.safetensors` (pivotal tuning only: the new token rows per text
+encoder, `text_encoder` / `text_encoder_2`) and `state.json` (step, seconds, the resume identity,
+the architecture; with pivotal tuning its tokens and trigger word). It is built in a temporary
+folder and renamed only when complete, with `state.json` written last; old checkpoints are
+removed only after the new one exists. So a crash or a full disk during a save
 leaves the previous checkpoint as `latest`, and a damaged checkpoint is skipped on resume.
 
 Importing this module does not import torch (the app's job list reads checkpoints without it).
@@ -31,9 +33,12 @@ log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 # What a checkpoint must share with the run that resumes it (one list: saving and checking read it).
-RESUME_KEYS = ("base_model", "rank", "alpha", "train_text_encoder", "use_dora", "optimizer")
+RESUME_KEYS = (
+    "base_model", "rank", "alpha", "train_text_encoder", "use_dora", "optimizer", "pivotal_tokens"
+)  # fmt: skip
 # What a checkpoint written before a key existed had (so older checkpoints still resume).
-_RESUME_DEFAULTS = {"use_dora": False, "optimizer": "adamw"}
+_RESUME_DEFAULTS = {"use_dora": False, "optimizer": "adamw", "pivotal_tokens": 0}
+EMBEDDINGS_FILE = "embeddings.safetensors"
 # The component prefixes of the LoRA keys in lora.safetensors. "text_encoder." does not match
 # "text_encoder_2." keys: the dot ends the prefix.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -49,6 +54,7 @@ def resume_identity(config) -> dict[str, Any]:
         "train_text_encoder": config.train_text_encoder,
         "use_dora": config.use_dora,
         "optimizer": config.optimizer,
+        "pivotal_tokens": len(config.pivotal_tokens),  # 0 without pivotal tuning
     }
     assert tuple(values) == RESUME_KEYS
     return values
@@ -112,14 +118,18 @@ def save_checkpoint(
     state: dict[str, Any],
     total_limit: int | None,
     scaler_state: dict[str, Any] | None = None,
+    embeddings_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>` atomically; rotate old ones after. `state` should carry the
-    resume identity, `architecture` and `seconds`. A full disk raises OSError (ENOSPC)."""
+    resume identity, `architecture` and `seconds`; `embeddings_state` is pivotal tuning's new token
+    rows (`pivotal.rows_state`). A full disk raises OSError (ENOSPC)."""
     from safetensors.torch import save as safetensors_bytes
 
     from .adapters import check_finite
 
     check_finite(lora_state, "LoRA weights")
+    if embeddings_state:
+        check_finite(embeddings_state, "token embeddings")
     target = Path(checkpoints_dir) / f"checkpoint-{step}"
     # Serialised in memory, then written with plain file writes: a full disk is then an OSError
     # with its errno, not torch's RuntimeError("PytorchStreamWriter failed ...").
@@ -129,6 +139,8 @@ def save_checkpoint(
         (tmp / "scheduler.pt").write_bytes(_torch_bytes(scheduler_state))
         if scaler_state is not None:
             (tmp / "scaler.pt").write_bytes(_torch_bytes(scaler_state))
+        if embeddings_state:
+            (tmp / EMBEDDINGS_FILE).write_bytes(safetensors_bytes(embeddings_state))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True) + "\n")
     if total_limit is not None:
         for _, old in list_checkpoints(checkpoints_dir)[:-total_limit]:
@@ -194,6 +206,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
+    embeddings: dict[str, torch.Tensor] | None = None  # pivotal tuning's new token rows
 
     @property
     def step(self) -> int:
@@ -222,12 +235,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         scheduler = torch.load(path / current, weights_only=True)
         current = "scaler.pt"
         scaler = torch.load(path / current, weights_only=True) if (path / current).exists() else None
+        current = EMBEDDINGS_FILE
+        embeddings = load_file(str(path / current)) if (path / current).exists() else None
     except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors alike mean "damaged"
         raise DamagedCheckpoint(
             f"{path.name}/{current} is damaged or incomplete ({type(e).__name__}); delete that "
             "checkpoint folder or resume from another one."
         ) from e
-    return Checkpoint(path, state, lora, optimizer, scheduler, scaler)
+    return Checkpoint(path, state, lora, optimizer, scheduler, scaler, embeddings)
 
 
 def check_resume_compatible(state: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -642,3 +642,13 @@ def add_lora(
 
 def lora_parameters(*models) -> list[torch.nn.Parameter]:
     return [p for m in models for p in m.parameters() if p.requires_grad]
+
+
+def dora_magnitudes(*models) -> list[torch.nn.Parameter]:
+    """The trainable DoRA magnitude vectors (peft's `lora_magnitude_vector`) of the models."""
+    return [
+        p
+        for m in models
+        for name, p in m.named_parameters()
+        if p.requires_grad and "lora_magnitude_vector" in name
+    ]

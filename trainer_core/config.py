@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ LR_SCHEDULERS = (
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 OPTIMIZERS = ("adamw", "prodigy")
+TOKEN_INITS = ("class", "random")
+MAX_NEW_TOKENS = 8
 SUBJECT_TYPES = ("person", "pet", "object", "style")
 # The built-in offline base models (built on first use, no download): id -> (architecture, label).
 TINY_MODELS: dict[str, tuple[str, str]] = {
@@ -90,6 +93,26 @@ class TrainConfig:
         False,
         "DoRA: train each layer's weight magnitude apart from its LoRA-updated direction (peft); "
         "closer to full fine-tuning at the same rank, slower per step.",
+    )
+    # pivotal tuning (new token embeddings trained with the LoRA)
+    pivotal_tuning: bool = _f(
+        False,
+        "Pivotal tuning (diffusers' advanced SDXL script, LoRA-ease): the trigger word is replaced in "
+        "every prompt by new tokens (<s0><s1>...) whose embeddings, in each text encoder (both of "
+        "SDXL's), train with the LoRA; saved beside it as an embeddings file AUTOMATIC1111 and "
+        "ComfyUI load, and applied by the app's generator. Needs a trigger word (token).",
+    )
+    num_new_tokens: int = _f(2, "With pivotal tuning: how many new tokens replace the trigger word.")
+    token_init: str = _f(
+        "class",
+        f"With pivotal tuning, how the new embeddings start: {' or '.join(TOKEN_INITS)} (class: the "
+        "class noun's embedding, e.g. 'dog', random when there is none; random: normal noise at the "
+        "embedding table's std, as diffusers' script does).",
+    )
+    token_embedding_lr: float = _f(
+        5e-4,
+        "With pivotal tuning: learning rate of the new token embeddings (textual inversion's usual "
+        "5e-4; no weight decay; Prodigy uses learning_rate).",
     )
     # data
     resolution: int | None = _f(
@@ -255,6 +278,23 @@ class TrainConfig:
             raise bad("checkpoints_total_limit", "must be >= 1 or unset")
         if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise bad("alpha", f"must be a positive number, got {self.alpha}")
+        if self.pivotal_tuning and not self.identifier_token:
+            raise bad(
+                "token",
+                "pivotal tuning replaces the trigger word with new tokens: give the token (e.g. 'sks') "
+                "or a class prompt without it",
+            )
+        if isinstance(self.num_new_tokens, bool) or not (
+            isinstance(self.num_new_tokens, int) and 1 <= self.num_new_tokens <= MAX_NEW_TOKENS
+        ):
+            raise bad(
+                "num_new_tokens",
+                f"must be an integer from 1 to {MAX_NEW_TOKENS}, got {self.num_new_tokens!r}",
+            )
+        if self.token_init not in TOKEN_INITS:
+            raise bad("token_init", f"must be one of {', '.join(TOKEN_INITS)}, got {self.token_init!r}")
+        if not (self.token_embedding_lr > 0 and math.isfinite(self.token_embedding_lr)):
+            raise bad("token_embedding_lr", f"must be a positive number, got {self.token_embedding_lr}")
         if not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
             raise bad("text_encoder_lr", f"must be a positive number, got {self.text_encoder_lr}")
         for name in ("adam_weight_decay", "text_encoder_weight_decay"):
@@ -332,6 +372,34 @@ class TrainConfig:
         extra = [w for w in _words(self.instance_prompt) if w not in class_words]
         return extra[0] if extra else None
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoders run in every step (their LoRA or new token embeddings train)."""
+        return self.train_text_encoder or self.pivotal_tuning
+
+    @property
+    def pivotal_tokens(self) -> tuple[str, ...]:
+        """The new tokens that stand for the trigger word with pivotal tuning ("<s0>", "<s1>", ...)."""
+        return tuple(f"<s{i}>" for i in range(self.num_new_tokens)) if self.pivotal_tuning else ()
+
+    def with_pivotal_tokens(self, prompt: str) -> str:
+        """`prompt` as training reads it: with pivotal tuning the trigger word becomes "<s0><s1>"."""
+        if not self.pivotal_tuning:
+            return prompt
+        return replace_word(prompt, self.identifier_token or "", "".join(self.pivotal_tokens))
+
+    @property
+    def pivotal_init_word(self) -> str | None:
+        """The class noun the new embeddings start from (token_init "class"): the class prompt's last
+        word, else the instance prompt's word after the trigger; None (random) when there is neither."""
+        if self.token_init != "class":
+            return None
+        if self.class_prompt and _words(self.class_prompt):
+            return _words(self.class_prompt)[-1]
+        words, token = _words(self.instance_prompt), (self.identifier_token or "").lower()
+        after = words[words.index(token) + 1 :] if token in words else []
+        return after[0] if after else None
+
     def prompt_without_token(self, prompt: str) -> str | None:
         token = self.identifier_token
         if not token or token.lower() not in _words(prompt):
@@ -377,6 +445,21 @@ def _words(text: str) -> list[str]:
     return [w.strip(",.").lower() for w in text.split()]
 
 
+def replace_word(prompt: str, word: str, replacement: str) -> str:
+    """Every whole-word `word` in `prompt` (case-insensitive; a trailing or leading "," or "." kept,
+    as `_words` reads words) replaced by `replacement`."""
+
+    def swap(match: re.Match) -> str:
+        text = match.group(0)
+        core = text.strip(",.")
+        if not word or core.lower() != word.lower():
+            return text
+        start = text.index(core)
+        return text[:start] + replacement + text[start + len(core) :]
+
+    return re.sub(r"\S+", swap, prompt)
+
+
 def field_help(name: str) -> str:
     for f in dataclasses.fields(TrainConfig):
         if f.name == name:
@@ -386,7 +469,9 @@ def field_help(name: str) -> str:
 
 # Presets: sensible starting points per kind of subject, scaled by the number of photos.
 # Steps follow the common rule of thumb of ~80-100 steps per photo at batch 1, clamped so a
-# handful of photos still trains long enough and twenty do not overfit.
+# handful of photos still trains long enough and twenty do not overfit. Each preset's other choices
+# come from the tools our users compare with (diffusers' advanced SDXL script and LoRA-ease for
+# faces, kohya's caption dropout for styles); `note` says them in one line for the page.
 @dataclass(frozen=True)
 class _Preset:
     steps_per_image: int
@@ -395,15 +480,44 @@ class _Preset:
     rank: int
     class_noun: str
     class_images_per_photo: int  # 0: no prior preservation
+    note: str
+    options: dict[str, Any] = field(default_factory=dict)  # other TrainConfig fields
 
 
 _PRESETS: dict[str, _Preset] = {
-    "person": _Preset(100, 500, 1600, rank=16, class_noun="person", class_images_per_photo=20),
-    "pet": _Preset(80, 400, 1200, rank=8, class_noun="dog", class_images_per_photo=15),
-    "object": _Preset(80, 400, 1200, rank=8, class_noun="object", class_images_per_photo=10),
+    "person": _Preset(
+        100, 500, 1600, rank=16, class_noun="person", class_images_per_photo=20,
+        options=dict(pivotal_tuning=True, train_text_encoder=True, text_encoder_lr=5e-5),
+        note="rank 16; pivotal tuning (the trigger word becomes 2 new tokens that start as the class "
+        "noun) and a text-encoder LoRA at half the UNet's rate, since a face is a new identity the text "
+        "side must learn too; prior preservation keeps other people looking like themselves.",
+    ),
+    "pet": _Preset(
+        80, 400, 1200, rank=8, class_noun="dog", class_images_per_photo=15,
+        options=dict(pivotal_tuning=True),
+        note="rank 8; pivotal tuning (2 new tokens that start as the class noun) learns the animal's "
+        "look in the text side while the UNet LoRA learns the details; prior preservation on the breed.",
+    ),
+    "object": _Preset(
+        80, 400, 1200, rank=8, class_noun="object", class_images_per_photo=10,
+        note="rank 8, plain LoRA with prior preservation: an object is mostly shape and texture, which "
+        "the UNet LoRA learns; no flips, so lettering and logos stay the right way round.",
+    ),
     # A style has no single class to preserve.
-    "style": _Preset(100, 600, 2000, rank=16, class_noun="style", class_images_per_photo=0),
-}
+    "style": _Preset(
+        100, 600, 2000, rank=16, class_noun="style", class_images_per_photo=0,
+        options=dict(caption_dropout=0.1, random_flip=True),
+        note="rank 16, no prior preservation (a style has no class); 10% caption dropout so the style "
+        "sticks beyond the prompt's words, and random flips (a style looks the same mirrored).",
+    ),
+}  # fmt: skip
+
+
+def preset_note(subject_type: str) -> str:
+    """One line saying what the subject type's preset chooses and why (shown in the page)."""
+    if subject_type not in _PRESETS:
+        raise ValueError(f"subject_type: must be one of {', '.join(SUBJECT_TYPES)}, got {subject_type!r}")
+    return f"{subject_type.capitalize()} preset: {_PRESETS[subject_type].note}"
 
 
 def preset_config(
@@ -414,7 +528,8 @@ def preset_config(
     class_noun: str | None = None,
     **overrides: Any,
 ) -> TrainConfig:
-    """A TrainConfig with steps, rank, learning rate and prior preservation set for the subject."""
+    """A TrainConfig with steps, rank, learning rate, prior preservation and the preset's training
+    options (`preset_note`) set for the subject."""
     if subject_type not in _PRESETS:
         raise ValueError(f"subject_type: must be one of {', '.join(SUBJECT_TYPES)}, got {subject_type!r}")
     if num_images < 1:
@@ -440,6 +555,7 @@ def preset_config(
         checkpointing_steps=max(100, steps // 4),
         validation_steps=max(100, steps // 4),
         lr_scheduler="constant",
+        **p.options,
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -442,7 +442,7 @@ def score_round(
         seeds = [config.seed + i for i in range(len(prompts.scene))]
         scene = _render(
             pipe,
-            prompts.scene,
+            [config.with_pivotal_tokens(p) for p in prompts.scene],  # pivotal tuning: "<s0><s1> dog"
             seeds,
             steps=config.validation_inference_steps,
             resolution=resolution,
@@ -618,7 +618,7 @@ def score_checkpoints(
     from . import runs
     from .checkpoints import list_checkpoints
     from .fileio import atomic_write_text
-    from .inference import describe_adapter, load_adapter
+    from .inference import describe_adapter, load_adapter, load_embeddings, unload_embeddings
 
     run_dir = Path(run_dir)
     config = _run_config(run_dir)
@@ -638,9 +638,13 @@ def score_checkpoints(
         source = describe_adapter(path)
         load_adapter(pipe, source)
         pipe.set_adapters([source.pipeline_name])
+        if source.embeddings is not None:  # pivotal tuning: its tokens, as training wrote the prompts
+            load_embeddings(pipe, source, source.pivotal_tokens)
         try:
             rows.append(score_round(config, step, pipe, run_dir, emit=emit, source="checkpoint", write=False))
         finally:
+            if source.embeddings is not None:
+                unload_embeddings(pipe, source.pivotal_tokens)
             pipe.delete_adapters(source.pipeline_name)
     scored = {r["step"] for r in rows}
     kept = [r for r in runs.read_scores(run_dir) if r["step"] not in scored]
@@ -663,6 +667,7 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
     from .checkpoints import list_checkpoints
     from .components import assemble_pipeline, default_resolution, load_components
     from .inference import describe_adapter, load_adapter
+    from .pivotal import read_file
 
     run_dir, out = Path(run_dir), Path(out)
     config = _run_config(run_dir)
@@ -715,4 +720,6 @@ def export_checkpoint(run_dir: str | Path, step: int, out: str | Path) -> Path:
             samples_dir=samples if samples.is_dir() else None,
             peft_adapter=source.pipeline_name,
             replace=False,
+            token_embeddings=read_file(source.embeddings) if source.embeddings else None,
+            pivotal_tokens=source.pivotal_tokens,
         )

@@ -6,6 +6,12 @@ are loaded once each by name with `load_lora_weights(..., adapter_name=...)` and
 `set_adapters` (weights, blends) or `disable_lora` (the plain base), so switching subject touches no
 base weights; the least recently used adapters are unloaded with `delete_adapters` beyond a cap.
 Training checkpoints (`checkpoint-N`) load as adapters too. `Generator` is what the CLI and the app use.
+
+An adapter trained with pivotal tuning brings new token embeddings: while it is active they are
+loaded (diffusers' `load_textual_inversion`) under tokens of its own, so two such adapters blend,
+and the prompt's trigger word (or the trained tokens, "<s0><s1>") is rewritten to them; when it is
+swapped out they are unloaded again (`unload_textual_inversion`), leaving the tokenizers and text
+encoders as they were.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 # adapters.LORA_WEIGHT_NAME, repeated so that importing this module stays free of torch (the UI
 # imports GenerateRequest at module level; torch loads on the first generation).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"  # checkpoints.EMBEDDINGS_FILE, for the same reason
 
 SCHEDULERS = ("dpm++", "euler_a", "ddim")
 ARCHITECTURE_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL"}
@@ -216,6 +223,10 @@ class AdapterSource:
     architecture: str | None  # None: not recorded (a bare LoRA folder)
     version: tuple[int, int]  # (mtime_ns, size) of the weights: a retrained folder reloads
     pipeline_name: str  # the adapter_name inside the pipeline: unique per path, no dots (peft keys)
+    # pivotal tuning: the token embeddings file, the tokens it was trained as, and the trigger word
+    embeddings: Path | None = None
+    pivotal_tokens: tuple[str, ...] = ()
+    trigger: str | None = None
 
 
 def describe_adapter(path: str | Path) -> AdapterSource:
@@ -228,13 +239,20 @@ def describe_adapter(path: str | Path) -> AdapterSource:
         raise TrainingError(f"The adapter folder {path} does not exist.")
     folder = folder.resolve()
     weights = folder / LORA_WEIGHT_NAME
+    embeddings, pivotal = None, {}
     if weights.is_file():
         info = read_adapter(folder) if (folder / "adapter.json").exists() else {}
         kind, label, arch = "adapter", str(info.get("name") or folder.name), info.get("architecture")
+        name = (info.get("files") or {}).get("embeddings")
+        if name and info.get("pivotal_tokens"):
+            embeddings = folder / name
+            pivotal = {"tokens": info["pivotal_tokens"], "trigger": info.get("token")}
     elif (folder / "lora.safetensors").is_file() and read_state(folder) is not None:
         weights = folder / "lora.safetensors"
         state = read_state(folder) or {}
         kind, label, arch = "checkpoint", f"step {state.get('step', '?')}", state.get("architecture")
+        if state.get("pivotal") and (folder / EMBEDDINGS_FILE).is_file():
+            embeddings, pivotal = folder / EMBEDDINGS_FILE, state["pivotal"]
     else:
         raise TrainingError(
             f"{folder} is not an adapter folder (no {LORA_WEIGHT_NAME}) nor a training checkpoint "
@@ -250,6 +268,9 @@ def describe_adapter(path: str | Path) -> AdapterSource:
         architecture=arch,
         version=(stat.st_mtime_ns, stat.st_size),
         pipeline_name=f"{base}-{digest}",
+        embeddings=embeddings,
+        pivotal_tokens=tuple(pivotal.get("tokens") or ()),
+        trigger=pivotal.get("trigger"),
     )
 
 
@@ -282,6 +303,57 @@ def load_adapter(pipe, source: AdapterSource) -> None:
         raise TrainingError(
             f"Could not load the adapter {source.label} from {source.path}: {first[:300]}"
         ) from e
+
+
+def _text_encoder_pairs(pipe) -> list[tuple[str, Any, Any]]:
+    """(component, text encoder, tokenizer) of the pipeline: one for SD 1.5, two for SDXL."""
+    pairs = [("text_encoder", pipe.text_encoder, pipe.tokenizer)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append(("text_encoder_2", pipe.text_encoder_2, pipe.tokenizer_2))
+    return pairs
+
+
+def load_embeddings(pipe, source: AdapterSource, tokens: Sequence[str]) -> None:
+    """Load a pivotal-tuning adapter's token embeddings into the pipeline under `tokens` (one per
+    trained token), through diffusers' own `load_textual_inversion`, one text encoder at a time."""
+    from .pivotal import read_file
+
+    rows = read_file(source.embeddings)
+    pairs = _text_encoder_pairs(pipe)
+    if {name for name, _, _ in pairs} != set(rows):
+        raise TrainingError(
+            f"The token embeddings of {source.label} are for other text encoders than this pipeline's."
+        )
+    loaded = []
+    try:
+        for name, text_encoder, tokenizer in pairs:
+            if rows[name].shape[0] != len(tokens):
+                raise ValueError(f"{rows[name].shape[0]} embeddings for {len(tokens)} tokens")
+            pipe.load_textual_inversion(
+                rows[name], token=list(tokens), text_encoder=text_encoder, tokenizer=tokenizer
+            )
+            loaded.append((text_encoder, tokenizer))
+    except (ValueError, RuntimeError) as e:
+        for text_encoder, tokenizer in loaded:
+            pipe.unload_textual_inversion(list(tokens), tokenizer=tokenizer, text_encoder=text_encoder)
+        raise TrainingError(f"Could not load the token embeddings of {source.label}: {e}") from e
+
+
+def unload_embeddings(pipe, tokens: Sequence[str]) -> None:
+    """Remove tokens loaded by `load_embeddings` from every tokenizer and text encoder."""
+    for _, text_encoder, tokenizer in _text_encoder_pairs(pipe):
+        pipe.unload_textual_inversion(list(tokens), tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def rewrite_prompt(prompt: str, source: AdapterSource, tokens: Sequence[str]) -> str:
+    """`prompt` with the adapter's trigger word, and the tokens it was trained as, set to `tokens`."""
+    from .config import replace_word
+
+    joined = "".join(tokens)
+    if source.trigger:
+        prompt = replace_word(prompt, source.trigger, joined)
+    trained = "".join(source.pivotal_tokens)
+    return prompt.replace(trained, joined) if trained and trained != joined else prompt
 
 
 def _drop_partial(pipe, name: str) -> None:
@@ -341,6 +413,8 @@ class _Resident:
     base_model: str
     adapters: OrderedDict[str, AdapterSource] = dataclasses.field(default_factory=OrderedDict)
     lora_disabled: bool = False  # after a plain-base request
+    # pivotal tuning: the active adapters' token embeddings, loaded under tokens of their own
+    embeddings: dict[str, tuple[AdapterSource, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
 class Generator:
@@ -451,6 +525,7 @@ class Generator:
             for resident in self._pipelines.values():
                 source = resident.adapters.pop(key, None)
                 if source is not None:
+                    self._drop_embeddings(resident, key)
                     resident.pipe.delete_adapters(source.pipeline_name)
                     found = True
         return found
@@ -522,6 +597,7 @@ class Generator:
             if resident.adapters and not resident.lora_disabled:
                 pipe.disable_lora()
                 resident.lora_disabled = True
+            self._sync_embeddings(resident, [])
             return resident
         wanted = {str(s.path) for s in sources}
         for source in sources:
@@ -533,7 +609,26 @@ class Generator:
         pipe.set_adapters(
             [s.pipeline_name for s in sources], adapter_weights=[weight for _, weight in request.adapters]
         )
+        self._sync_embeddings(resident, sources)
         return resident
+
+    def _sync_embeddings(self, resident: _Resident, sources: list[AdapterSource]) -> None:
+        """Exactly the active adapters' token embeddings loaded: swapped-out ones unloaded first."""
+        wanted = {str(s.path): s for s in sources if s.embeddings is not None}
+        for key, (loaded, _) in list(resident.embeddings.items()):
+            if key not in wanted or wanted[key].version != loaded.version:
+                self._drop_embeddings(resident, key)
+        for key, source in wanted.items():
+            if key not in resident.embeddings:
+                # Tokens of its own (not the trained "<s0>"), so two pivotal adapters can blend.
+                tokens = tuple(f"<{source.pipeline_name}-{i}>" for i in range(len(source.pivotal_tokens)))
+                load_embeddings(resident.pipe, source, tokens)
+                resident.embeddings[key] = (source, tokens)
+
+    def _drop_embeddings(self, resident: _Resident, key: str) -> None:
+        loaded = resident.embeddings.pop(key, None)
+        if loaded is not None:
+            unload_embeddings(resident.pipe, loaded[1])
 
     def _ensure_loaded(self, resident: _Resident, source: AdapterSource, keep: set[str]) -> None:
         key = str(source.path)
@@ -543,11 +638,13 @@ class Generator:
             return
         if loaded is not None:  # the folder was retrained or replaced since it was loaded
             log.info("reloading changed adapter %s", key)
+            self._drop_embeddings(resident, key)
             resident.pipe.delete_adapters(loaded.pipeline_name)
             del resident.adapters[key]
         while len(resident.adapters) >= self.max_loaded_adapters:
             victim = next(k for k in resident.adapters if k not in keep)
             log.info("unloading least recently used adapter %s", victim)
+            self._drop_embeddings(resident, victim)
             resident.pipe.delete_adapters(resident.adapters.pop(victim).pipeline_name)
         load_adapter(resident.pipe, source)
         resident.adapters[key] = source
@@ -557,10 +654,16 @@ class Generator:
     ) -> list:
         # A fresh scheduler per request: multistep samplers keep state between steps.
         resident.pipe.scheduler = make_scheduler(request.scheduler, resident.scheduler_config)
+        prompt, negative = request.prompt, request.negative_prompt
+        for source, tokens in resident.embeddings.values():
+            prompt, negative = (
+                rewrite_prompt(prompt, source, tokens),
+                rewrite_prompt(negative, source, tokens),
+            )
         return generate(
             resident.pipe,
-            request.prompt,
-            negative_prompt=request.negative_prompt,
+            prompt,
+            negative_prompt=negative,
             seed=request.seed,
             steps=request.steps,
             guidance=request.guidance,
@@ -592,7 +695,9 @@ def apply_adapters(
 ) -> list[str]:
     """Load the adapters into a pipeline of your own (once each, by name) and activate them.
 
-    For callers that hold their own pipeline; `Generator` does the same with an LRU cap.
+    For callers that hold their own pipeline; `Generator` does the same with an LRU cap. A pivotal
+    adapter's token embeddings are loaded under the tokens it was trained as ("<s0><s1>": write
+    them in the prompt) and unloaded when a later call leaves the adapter out.
     """
     if weights is not None and len(weights) != len(adapter_dirs):
         raise ValueError(f"adapter_weights: {len(weights)} weights for {len(adapter_dirs)} adapters")
@@ -604,6 +709,7 @@ def apply_adapters(
         if source.pipeline_name not in loaded:
             load_adapter(pipe, source)
             loaded.add(source.pipeline_name)
+    _apply_embeddings(pipe, sources)
     names = [s.pipeline_name for s in sources]
     if names:
         pipe.enable_lora()
@@ -611,6 +717,26 @@ def apply_adapters(
     elif loaded:
         pipe.disable_lora()
     return names
+
+
+def _apply_embeddings(pipe, sources: list[AdapterSource]) -> None:
+    """The listed pivotal adapters' embeddings under their trained tokens; others' unloaded."""
+    loaded: dict[str, tuple[str, ...]] = pipe.__dict__.setdefault("_pivotal_embeddings", {})
+    wanted = {str(s.path): s for s in sources if s.embeddings is not None}
+    for key in [k for k in loaded if k not in wanted]:
+        unload_embeddings(pipe, loaded.pop(key))
+    taken = {t for tokens in loaded.values() for t in tokens}
+    for key, source in wanted.items():
+        if key in loaded:
+            continue
+        if taken & set(source.pivotal_tokens):
+            raise TrainingError(
+                f"{source.label} uses the tokens {''.join(source.pivotal_tokens)} that another active "
+                "adapter already uses; blend them with the Generator, which gives each its own tokens."
+            )
+        load_embeddings(pipe, source, source.pivotal_tokens)
+        loaded[key] = source.pivotal_tokens
+        taken |= set(source.pivotal_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

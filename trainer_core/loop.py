@@ -6,7 +6,9 @@ function below it. `fit` runs the steps; `train_step` is one optimizer step and 
 DreamBooth loss (instance + prior_loss_weight x class), a pure function tested on its own.
 
 SDXL adds a second text encoder, a pooled prompt embedding and per-image size conditioning
-(`add_time_ids`), all cached with the rest. Every random draw of a step (which photos, noise,
+(`add_time_ids`), all cached with the rest. Pivotal tuning (pivotal.py) adds new tokens for the
+trigger word before the cache; their embeddings train with the LoRA, so the text encoders run in
+every step as with a text-encoder LoRA. Every random draw of a step (which photos, noise,
 timesteps, latent sample) comes from a generator seeded by (seed, micro-step, process), so a run
 stopped and resumed from a checkpoint takes exactly the steps an unbroken run takes.
 
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import adapters, checkpoints, evaluate, runs, tracking
+from . import adapters, checkpoints, evaluate, pivotal, runs, tracking
 from .buckets import batches_per_epoch, make_buckets, nearest_bucket, plan_epoch
 from .class_images import class_cache_dir, class_image_dtype, decode_latents, generate_class_images
 from .components import (
@@ -40,6 +42,7 @@ from .components import (
     architecture,
     assemble_pipeline,
     default_resolution,
+    dora_magnitudes,
     load_components,
     load_vae,
     lora_parameters,
@@ -91,6 +94,8 @@ class TrainResult:
     unet: Any = field(default=None, repr=False)
     text_encoder: Any = field(default=None, repr=False)
     text_encoder_2: Any = field(default=None, repr=False)  # SDXL's second text encoder
+    tokenizer: Any = field(default=None, repr=False)  # with pivotal tuning's new tokens
+    tokenizer_2: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -318,6 +323,14 @@ def _train(config: TrainConfig, accelerator, paths: RunPaths, emit: Emit, should
     class_paths: list[Path] = []
     if config.with_prior_preservation:
         class_paths = prepare_class_images(config, models, source, resolution, accelerator, emit, should_stop)
+    if config.pivotal_tuning:  # after the class images: the base model makes those, untouched
+        pivotal.add_tokens(
+            models.tokenizers,
+            models.text_encoders,
+            config.pivotal_tokens,
+            config.pivotal_init_word,
+            config.seed,
+        )
     cache = _build_cache(
         config,
         examples,
@@ -426,7 +439,7 @@ def prepare_class_images(
 def offload_frozen(config: TrainConfig, models: Models) -> None:
     """The VAE (and frozen text encoders) are done once the cache is built: off the device."""
     models.vae.to("cpu")
-    if not config.train_text_encoder:
+    if not config.trains_text_encoder:
         for te in models.text_encoders:
             te.to("cpu")
     if torch.cuda.is_available():
@@ -455,7 +468,9 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         text_encoder_2=models.text_encoder_2,
         use_dora=config.use_dora,
     )
-    trained = [models.unet, *(models.text_encoders if config.train_text_encoder else [])]
+    # Pivotal tuning trains rows of the text encoders' embedding tables (with or without their LoRA).
+    token_rows = pivotal.train_rows(models.text_encoders) if config.pivotal_tuning else []
+    trained = [models.unet, *(models.text_encoders if config.trains_text_encoder else [])]
     # Frozen weights in the training dtype; casting is skipped in fp32 (diffusers warns on it).
     for m in trained:
         m.to(device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
@@ -472,7 +487,14 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
         models.unet.compile_repeated_blocks()
 
     params = lora_parameters(*trained)
-    optimizer = make_optimizer(config, lora_parameters(models.unet), lora_parameters(*trained[1:]))
+    rows = {id(p) for p in token_rows}
+    optimizer = make_optimizer(
+        config,
+        lora_parameters(models.unet),
+        [p for p in lora_parameters(*trained[1:]) if id(p) not in rows],
+        no_decay=dora_magnitudes(*trained),
+        token_embeddings=token_rows,
+    )
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
@@ -487,6 +509,10 @@ def attach_lora(config: TrainConfig, models: Models, accelerator) -> Trainer:
     return Trainer(modules[0], modules[1:], optimizer, lr_scheduler, params, weight_dtype)
 
 
+# The parameter-group entries a run's config sets; on resume this run's values win.
+_GROUP_SETTINGS = ("name", "lr", "initial_lr", "weight_decay", "betas", "eps", "d_coef")
+
+
 def restore(
     config: TrainConfig, accelerator, models: Models, trainer: Trainer, ckpt, emit: Emit
 ) -> TrainState:
@@ -499,8 +525,12 @@ def restore(
     if ckpt is None:
         return TrainState()
     checkpoints.load_lora_state(models.lora_models(config.train_text_encoder), ckpt.lora)
+    if config.pivotal_tuning or ckpt.embeddings:
+        pivotal.load_rows_state(models.text_encoders, ckpt.embeddings or {})
     optimizer, lr_scheduler = trainer.optimizer, trainer.lr_scheduler
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    # Only the settings: the rest of a group is the optimizer's own running state (Prodigy keeps its
+    # step-size estimate d and step count k there), which must come from the checkpoint.
+    fresh = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError) as e:  # other parameter groups (made by an older version)
@@ -623,7 +653,7 @@ def train_step(config, accelerator, models: Models, trainer: Trainer, cache, ste
                 gen,
                 device,
                 trainer.weight_dtype,
-                trainer.text_encoders if config.train_text_encoder else None,
+                trainer.text_encoders if config.trains_text_encoder else None,
             )
             # latents: (2B or B, 4, h, w); prompt_embeds: (2B or B, 77, dim); added_cond: SDXL's
             # pooled prompt (2B or B, projection) and size ids (2B or B, 6), None for SD 1.5;
@@ -774,6 +804,7 @@ def save_checkpoint(
                 paths.checkpoints,
                 step,
                 lora_state=checkpoints.lora_state(models.lora_models(config.train_text_encoder)),
+                embeddings_state=pivotal.rows_state(models.text_encoders) if config.pivotal_tuning else None,
                 optimizer_state=trainer.optimizer.state_dict(),
                 scheduler_state=trainer.lr_scheduler.state_dict(),
                 scaler_state=scaler.state_dict() if scaler is not None else None,
@@ -783,6 +814,7 @@ def save_checkpoint(
                     "learning_rate": config.learning_rate,
                     "seconds": state.seconds,
                     "max_train_steps": config.max_train_steps,
+                    **_pivotal_state(config),
                 },
                 total_limit=config.checkpoints_total_limit,
             )
@@ -819,7 +851,7 @@ def validate(config, accelerator, paths: RunPaths, models: Models, step: int, re
     out_dir = paths.samples / f"step-{step:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt = config.effective_validation_prompt
-    variants = [("with", prompt)]
+    variants = [("with", config.with_pivotal_tokens(prompt))]
     plain = config.prompt_without_token(prompt)
     if plain:
         variants.append(("without", plain))
@@ -859,7 +891,7 @@ def validate(config, accelerator, paths: RunPaths, models: Models, step: int, re
     models.unet.train()
     for te, te_device in zip(models.text_encoders, te_devices, strict=True):
         te.to(te_device)
-        if config.train_text_encoder:
+        if config.trains_text_encoder:
             te.train()
     tracking.log_samples(accelerator, step, images)
     emit(SamplesSaved(step, saved))
@@ -908,7 +940,17 @@ def finish(
         unet=models.unet,
         text_encoder=models.text_encoder,
         text_encoder_2=models.text_encoder_2,
+        tokenizer=models.tokenizer,
+        tokenizer_2=models.tokenizer_2,
     )
+
+
+def _pivotal_state(config) -> dict[str, Any]:
+    """What a checkpoint records of pivotal tuning (for loading it as an adapter): the tokens and
+    the trigger word they stand for."""
+    if not config.pivotal_tuning:
+        return {}
+    return {"pivotal": {"tokens": list(config.pivotal_tokens), "trigger": config.identifier_token}}
 
 
 def _save_adapter(config, paths: RunPaths, models: Models, state: TrainState, resolution, sample_dir) -> Path:
@@ -936,6 +978,8 @@ def _save_adapter(config, paths: RunPaths, models: Models, state: TrainState, re
             config_json=config.to_json(),
             metrics_file=paths.metrics,
             samples_dir=sample_dir,
+            token_embeddings=pivotal.rows_state(models.text_encoders) if config.pivotal_tuning else None,
+            pivotal_tokens=config.pivotal_tokens,
         )
     except OSError as e:
         raise TrainingError(
@@ -1019,8 +1063,10 @@ def _build_cache(
         )
         class_by_size[target] = (dists, time_ids)
     klass, class_time_ids = class_by_size.get(square, ([], []))
+    # With pivotal tuning the photos' prompts name the subject by its new tokens ("<s0><s1>").
+    instance_prompts = [config.with_pivotal_tokens(e.prompt) for e in examples]
     prompts = sorted(
-        {e.prompt for e in examples}
+        set(instance_prompts)
         | ({config.class_prompt} if class_paths else set())
         | ({""} if config.caption_dropout > 0 else set())
     )
@@ -1035,7 +1081,7 @@ def _build_cache(
         for tok in tokenizers
     ]
     embeds = pooled = None
-    if not config.train_text_encoder:
+    if not config.trains_text_encoder:
         for te in text_encoders:
             te.to(device)
         embeds, pooled = encode_prompts(text_encoders, [ids.to(device) for ids in input_ids])
@@ -1044,7 +1090,7 @@ def _build_cache(
     return _Cache(
         instance_latent_dists=instance,
         class_latent_dists=klass,
-        instance_prompt_ids=[prompts.index(e.prompt) for e in examples],
+        instance_prompt_ids=[prompts.index(p) for p in instance_prompts],
         class_prompt_id=prompts.index(config.class_prompt) if class_paths else None,
         prompts=prompts,
         prompt_embeds=embeds,

@@ -3,13 +3,17 @@
 The UNet's and the text encoders' LoRA weights are separate parameter groups, each with its own
 learning rate and weight decay (as diffusers' SDXL script and kohya's --unet_lr/--text_encoder_lr
 do): text encoders overfit at the UNet's rate. A learning-rate schedule scales every group alike.
+DoRA's magnitude vectors (each layer's weight norms, not a low-rank update) get no weight decay, as
+biases and norms get none in kohya's and OneTrainer's optimizers: decay would shrink the layers'
+outputs. They sit in their component's "<name>_no_decay" group, at its learning rate. Pivotal
+tuning's new token embeddings are a "token_embeddings" group with their own rate and no decay.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -21,14 +25,18 @@ def param_groups(
     config: TrainConfig,
     unet_params: Sequence[torch.nn.Parameter],
     text_encoder_params: Sequence[torch.nn.Parameter],
+    no_decay: Collection[torch.nn.Parameter] = (),
+    token_embeddings: Sequence[torch.nn.Parameter] = (),
 ) -> list[dict]:
     """One group per component that has trainable weights: "unet" and "text_encoder" (all of SDXL's
-    text encoders share one), with their learning rate and weight decay."""
-    text_encoder_lr = config.text_encoder_lr
+    text encoders share one), with their learning rate and weight decay; the parameters in
+    `no_decay` go to "unet_no_decay" / "text_encoder_no_decay", same rate, weight decay 0;
+    `token_embeddings` (pivotal tuning) to "token_embeddings", at token_embedding_lr, no decay."""
+    text_encoder_lr, token_lr = config.text_encoder_lr, config.token_embedding_lr
     if config.optimizer == "prodigy":
         # Prodigy estimates one step size and multiplies it by each group's lr; its authors (and
         # diffusers' scripts) keep lr = 1.0 for every group.
-        text_encoder_lr = config.learning_rate
+        text_encoder_lr = token_lr = config.learning_rate
     groups = [
         {
             "name": "unet",
@@ -43,16 +51,32 @@ def param_groups(
             "weight_decay": config.text_encoder_weight_decay,
         },
     ]
-    return [g for g in groups if g["params"]]
+    skip = {id(p) for p in no_decay}
+    split = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in skip]
+        free = [p for p in group["params"] if id(p) in skip]
+        split.append({**group, "params": kept})
+        split.append({**group, "name": f"{group['name']}_no_decay", "params": free, "weight_decay": 0.0})
+    # Decay would pull the new tokens towards the zero vector, away from every real word's norm.
+    split.append(
+        {"name": "token_embeddings", "params": list(token_embeddings), "lr": token_lr, "weight_decay": 0.0}
+    )
+    return [g for g in split if g["params"]]
 
 
 def make_optimizer(
     config: TrainConfig,
     unet_params: Sequence[torch.nn.Parameter],
     text_encoder_params: Sequence[torch.nn.Parameter] = (),
+    *,
+    no_decay: Collection[torch.nn.Parameter] = (),
+    token_embeddings: Sequence[torch.nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
-    """The configured optimizer over the UNet's and the text encoders' LoRA weights."""
-    groups = param_groups(config, unet_params, text_encoder_params)
+    """The configured optimizer over the UNet's and the text encoders' LoRA weights; `no_decay` (DoRA
+    magnitudes, `components.dora_magnitudes`) are trained without weight decay, `token_embeddings`
+    (pivotal tuning's new rows) at their own rate."""
+    groups = param_groups(config, unet_params, text_encoder_params, no_decay, token_embeddings)
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "prodigy":
         from prodigyopt import Prodigy

@@ -7,9 +7,10 @@ captions it. It writes the squares, a `.txt` caption beside each, the accepted o
 `originals/` (so a crop can be redone later, and so aspect-ratio bucketing has the whole photo)
 and `report.json`; a rejected file gets one plain reason, a doubtful one a warning. With `masks`
 it also writes a feathered subject mask (face and shoulders, or the busiest region) beside each
-square and each original, for `masked_loss`. The set can then be edited: `set_caption`, `recrop`
-(a box), `recrop_around` (a point), `recrop_auto` (a crop mode) and `remove_photo`; after each, the
-checks that compare a photo with the rest of the set (near-duplicates, blur, `outliers.py`) are redone.
+square and each original, for `masked_loss` (`add_masks` writes them into a set prepared without).
+The set can then be edited: `set_caption`, `recrop` (a box), `recrop_around` (a point), `recrop_auto`
+(a crop mode) and `remove_photo`; after each, the checks that compare a photo with the rest of the
+set (near-duplicates, blur, `outliers.py`) are redone.
 """
 
 from __future__ import annotations
@@ -850,6 +851,39 @@ def _busiest_region(grey: Image.Image) -> np.ndarray | None:
     region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
     share = region.mean()
     return region if 0.02 <= share <= 0.9 else None
+
+
+def add_masks(output_dir: str | Path) -> int:
+    """Write the subject masks of a set prepared without them (as `masks` would have: the same mask
+    from each original and its recorded face, beside the original and cut to the square); returns
+    how many were written. Photos that have a mask keep it. For masked_loss on a set prepared before
+    masks were asked for (the app's photo preparation makes none)."""
+    folder = Path(output_dir)
+    report = read_report(folder)
+    missing = [a for a in report.accepted if not a.mask and a.original]
+    for entry in missing:
+        try:
+            with Image.open(folder / entry.original) as im:
+                rgb = to_rgb(im)
+        except (OSError, UnidentifiedImageError) as e:
+            raise TrainingError(
+                f"The original of {entry.output} cannot be read ({e}); prepare the photos again."
+            ) from e
+        mask = subject_mask(rgb, entry.face_box)
+        for path, image in (
+            (mask_path(Path(entry.original)), mask),
+            (mask_path(Path(entry.output)), render_mask(mask, entry.crop_box, report.options.resolution)),
+        ):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            atomic_write_bytes(folder / path, buffer.getvalue())
+        report = _replace_entry(
+            report, dataclasses.replace(entry, mask=mask_path(Path(entry.output)).as_posix())
+        )
+    if missing and not report.options.masks:
+        report = dataclasses.replace(report, options=dataclasses.replace(report.options, masks=True))
+        atomic_write_json(folder / REPORT_NAME, report.to_json())
+    return len(missing)
 
 
 def render_mask(mask: Image.Image, box: tuple[int, int, int, int], resolution: int) -> Image.Image:

@@ -307,7 +307,8 @@ def _timestamp(info: AdapterInfo) -> float:
 
 
 def _retitle(folder: Path, name: str) -> None:
-    """Make the folder's own files agree with its (new) name: adapter.json, kohya file, model card."""
+    """Make the folder's own files agree with its (new) name: adapter.json, kohya file, pivotal
+    tuning's embeddings file (A1111 calls it by its name), model card."""
     meta = _read_adapter(folder)
     old = meta.get("name")
     files = dict(meta.get("files") or {})
@@ -317,6 +318,10 @@ def _retitle(folder: Path, name: str) -> None:
     if old_kohya.is_file() and old_kohya.parent == folder:
         os.rename(old_kohya, folder / f"{name}.safetensors")
         files["kohya"] = f"{name}.safetensors"
+    old_embeddings = folder / str(files.get("embeddings") or f"{old}_emb.safetensors")
+    if files.get("embeddings") and old_embeddings.is_file() and old_embeddings.parent == folder:
+        os.rename(old_embeddings, folder / f"{name}_emb.safetensors")
+        files["embeddings"] = f"{name}_emb.safetensors"
     meta.update(name=name, files=files)
     atomic_write_json(folder / "adapter.json", meta)
     if "rank" in meta and "alpha" in meta:
@@ -329,9 +334,10 @@ def _stage_for_hub(folder: Path, staging: Path) -> list[str]:
     """Copy what the Hub repo holds into `staging`; returns the sample paths (repo-relative)."""
     meta = _read_adapter(folder)
     names = list(_HUB_FILES)
-    kohya = (meta.get("files") or {}).get("kohya")
-    if kohya:
-        names.append(str(kohya))
+    for kind in ("kohya", "embeddings"):
+        extra = (meta.get("files") or {}).get(kind)
+        if extra:
+            names.append(str(extra))
     for file_name in names:
         src = folder / file_name
         if src.is_file() and src.parent == folder:
@@ -416,8 +422,25 @@ AUTOMATIC1111: download `{kohya}` into `models/Lora` and prompt with
 
 ComfyUI: download `{kohya}` into `models/loras` and load it with a "Load LoRA" node; use the trigger
 word in the prompt.
-"""
+{_hub_pivotal_note(info)}"""
     )
+
+
+def _hub_pivotal_note(info: dict[str, Any]) -> str:
+    """With pivotal tuning: the embeddings file and the tokens the trigger word stands for."""
+    embeddings = (info.get("files") or {}).get("embeddings")
+    tokens = "".join(info.get("pivotal_tokens") or [])
+    if not (embeddings and tokens):
+        return ""
+    stem = Path(embeddings).stem
+    return f"""
+Pivotal tuning: the trigger word `{info.get("token") or ""}` stands for the new tokens `{tokens}`, whose
+embeddings are in `{embeddings}`. diffusers: load it with `pipe.load_textual_inversion(...)` (one call
+per text encoder: keys `clip_l` / `clip_g` for SDXL, `emb_params` for SD 1.5) with
+`token=[{", ".join(f'"{t}"' for t in info["pivotal_tokens"])}]` and write `{tokens}` in the prompt.
+AUTOMATIC1111: put it in `embeddings/` and write `{stem}` where the trigger word goes; ComfyUI: put it
+in `models/embeddings/` and write `embedding:{stem}`.
+"""
 
 
 def _without(prompt: str, token: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer_core.config import EVAL_MODELS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS
+from trainer_core.config import EVAL_MODELS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, TOKEN_INITS
 
 from ..studio import Studios, UserError
 from ..views import loss_frame, plan_markdown, sample_items, scores_frame, status_html
@@ -19,7 +19,7 @@ POLL_SECONDS = 2.0
 # Settings whose boxes hold floats in the page but whole numbers in TrainConfig.
 INT_FIELDS = {
     "max_train_steps", "rank", "num_class_images", "resolution", "train_batch_size",
-    "gradient_accumulation_steps", "validation_steps", "checkpointing_steps",
+    "gradient_accumulation_steps", "validation_steps", "checkpointing_steps", "num_new_tokens",
 }  # fmt: skip
 
 
@@ -29,6 +29,7 @@ INT_FIELDS = {
 MINIMUMS = {
     "max_train_steps": 1, "rank": 1, "num_class_images": 1, "train_batch_size": 1,
     "gradient_accumulation_steps": 1, "validation_steps": 0, "checkpointing_steps": 0, "resolution": 8,
+    "num_new_tokens": 1,
 }  # fmt: skip
 
 
@@ -199,8 +200,13 @@ def _settings_boxes() -> dict[str, gr.components.Component]:
     with gr.Row(elem_classes="phone-stack"):
         boxes["use_dora"] = gr.Checkbox(label="DoRA")
         boxes["caption_dropout"] = gr.Number(label="Caption dropout (0-1)")
-        boxes["masked_loss"] = gr.Checkbox(label="Masked loss (needs masks from prep)")
+        boxes["masked_loss"] = gr.Checkbox(label="Masked loss (subject masks are made at start)")
         boxes["bucketing"] = gr.Checkbox(label="Aspect-ratio buckets")
+    with gr.Row(elem_classes="phone-stack"):
+        boxes["pivotal_tuning"] = gr.Checkbox(label="Pivotal tuning (new tokens for the trigger word)")
+        boxes["num_new_tokens"] = gr.Number(label="New tokens", precision=0)
+        boxes["token_init"] = gr.Dropdown(list(TOKEN_INITS), label="New tokens start as")
+        boxes["token_embedding_lr"] = gr.Number(label="Token embedding learning rate")
     with gr.Row(elem_classes="phone-stack"):
         boxes["random_flip"] = gr.Checkbox(label="Random flip")
         boxes["noise_offset"] = gr.Number(label="Noise offset")
