@@ -1,6 +1,6 @@
 """The automation API: plain typed functions registered with `gr.api`, independent of the page layout.
 
-`gradio_client` calls them by api_name (see README "Automation API" and examples/api_client.py):
+`gradio_client` calls them by api_name (see docs/api.md and examples/api_client.py):
 prepare_photos, start_training, training_status, stop_training, list_adapters, generate. Errors reach
 the client as one sentence (a gr.Error), like in the page. Every call acts for the logged-in user,
 on that user's folder only; the bounds on sizes are in each endpoint's docstring.
