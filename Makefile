@@ -1,10 +1,10 @@
 # The commands people type. Everything runs with the virtual environment's Python ($(VENV)), offline:
-# the built-in tiny-sd15 model is made on the spot, nothing is downloaded.
+# tiny-shapes ships in the repository, tiny-sd15 is made on the spot, nothing is downloaded.
 #
 #   make setup       create $(VENV) and install the pinned dependencies (again only if requirements change)
 #   make run         the browser app on http://127.0.0.1:7860 (HOST=0.0.0.0 PORT=... DATA=... BASE_MODEL=...)
-#   make demo        offline CLI demo: synthetic photos -> 30-step training -> runs/demo/sample.png
-#   make demo-shapes the same on tiny-shapes (work in progress: needs its weights, make pretrain-shapes, ~1 hour) -> runs/demo-shapes/*.png
+#   make demo        offline CLI demo (~1.5 min): tiny-shapes learns an orange circle -> runs/demo/with-token.png, without-token.png
+#   make demo-noise  the same flow on the random tiny-sd15 model (30 steps, the pictures are noise) -> runs/demo-noise/sample.png
 #   make pretrain-shapes  build trainer_core/models/tiny-shapes (scripts/pretrain_tiny_shapes.py; see docs/TINY_SHAPES.md)
 #   make test        the default test run (a few minutes on 2 CPU cores)
 #   make test-slow   the long tests (pytest -m slow)
@@ -18,8 +18,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 DEMO ?= runs/demo
-DEMO_PHOTOS ?= runs/demo-photos
-SHAPES_DEMO ?= runs/demo-shapes
+NOISE_DEMO ?= runs/demo-noise
 BENCH_ARGS ?=
 LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples scripts
 HOST ?= 127.0.0.1
@@ -34,7 +33,7 @@ define pytest_or_explain
 	exit $$rc
 endef
 
-.PHONY: help setup run demo demo-shapes pretrain-shapes test test-slow bench bench-switch bench-gpu lint
+.PHONY: help setup run demo demo-noise pretrain-shapes test test-slow bench bench-switch bench-gpu lint
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -54,33 +53,35 @@ $(PY):
 run: | $(PY)
 	$(PY) app.py --host $(HOST) --port $(PORT) --data-dir $(DATA) --base-model $(BASE_MODEL)
 
+# tiny-shapes knows circles of five colours; it learns one particular orange circle as "sks circle"
+# and keeps drawing ordinary circles for "a photo of a circle" (prior preservation). The numbers are
+# config.QUICK_TRY's, as in the app's Quick try (a test checks).
 demo: | $(PY)
-	rm -rf $(DEMO) $(DEMO_PHOTOS)
-	$(PY) examples/make_demo_photos.py $(DEMO_PHOTOS) --count 5
-	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-sd15 \
-		--instance-dir $(DEMO_PHOTOS) --instance-prompt "a photo of sks toy" \
-		--class-prompt "a photo of a toy" --num-class-images 8 \
-		--max-train-steps 30 --checkpointing-steps 10 --output-dir $(DEMO)
-	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 --adapter $(DEMO)/adapter \
-		--prompt "a photo of sks toy" --seed 1 --out $(DEMO)/sample.png
-	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 \
-		--prompt "a photo of sks toy" --seed 1 --out $(DEMO)/sample-base.png
-	@echo "demo done: adapter in $(DEMO)/adapter, images $(DEMO)/sample.png (with it) and" \
-		"$(DEMO)/sample-base.png (without); tiny-sd15 is a random model, so both are noise"
-
-# Work in progress (the weights are not shipped: DreamBooth on them does not learn the subject yet). Meant to: tiny-shapes knows circles of five colours; it learns one particular circle (red
-# with white dots) as "sks circle" and keeps drawing ordinary circles for "a photo of a circle"
-# (prior preservation). The numbers are config.QUICK_TRY's, as in the app's Quick try (a test checks).
-demo-shapes: | $(PY)
-	rm -rf $(SHAPES_DEMO)
-	$(PY) examples/make_subject_photos.py $(SHAPES_DEMO)/photos --count 5
+	rm -rf $(DEMO)
+	$(PY) examples/make_subject_photos.py $(DEMO)/photos --count 5
 	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-shapes \
-		--instance-dir $(SHAPES_DEMO)/photos --instance-prompt "a photo of sks circle" \
+		--instance-dir $(DEMO)/photos --instance-prompt "a photo of sks circle" \
 		--class-prompt "a photo of a circle" --num-class-images 16 --class-generation-steps 20 \
-		--rank 8 --learning-rate 0.001 --max-train-steps 150 --checkpointing-steps 0 \
-		--report-to none --output-dir $(SHAPES_DEMO)/run
-	HF_HUB_OFFLINE=1 $(PY) examples/shapes_pictures.py $(SHAPES_DEMO)/run/adapter $(SHAPES_DEMO) \
-		--photos $(SHAPES_DEMO)/photos
+		--rank 8 --learning-rate 0.002 --max-train-steps 300 --train-batch-size 4 \
+		--checkpointing-steps 100 --eval-models none --report-to none --output-dir $(DEMO)/run
+	HF_HUB_OFFLINE=1 $(PY) examples/shapes_pictures.py $(DEMO)/run/adapter $(DEMO)
+	@echo "demo done: adapter in $(DEMO)/run/adapter; $(DEMO)/with-token.png should show orange" \
+		"circles, $(DEMO)/without-token.png circles of the world's colours"
+
+# The whole flow on the random tiny-sd15 model: the mechanics (checkpoints, adapter, generate), noise.
+demo-noise: | $(PY)
+	rm -rf $(NOISE_DEMO)
+	$(PY) examples/make_demo_photos.py $(NOISE_DEMO)/photos --count 5
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core train --base-model tiny-sd15 \
+		--instance-dir $(NOISE_DEMO)/photos --instance-prompt "a photo of sks toy" \
+		--class-prompt "a photo of a toy" --num-class-images 8 \
+		--max-train-steps 30 --checkpointing-steps 10 --output-dir $(NOISE_DEMO)/run
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 --adapter $(NOISE_DEMO)/run/adapter \
+		--prompt "a photo of sks toy" --seed 1 --out $(NOISE_DEMO)/sample.png
+	HF_HUB_OFFLINE=1 $(PY) -m trainer_core generate --base-model tiny-sd15 \
+		--prompt "a photo of sks toy" --seed 1 --out $(NOISE_DEMO)/sample-base.png
+	@echo "demo-noise done: adapter in $(NOISE_DEMO)/run/adapter, images $(NOISE_DEMO)/sample.png (with it) and" \
+		"$(NOISE_DEMO)/sample-base.png (without); tiny-sd15 is a random model, so both are noise"
 
 # Two rounds of UNet training (4,000 then 3,000 steps, the second from the first's weights): about
 # 50 minutes on 2 quiet CPU cores. The shipped weights were made by exactly these commands.

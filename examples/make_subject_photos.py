@@ -1,9 +1,9 @@
-"""Write the photos of the demo subject for the built-in tiny-shapes model: one particular red circle
-with white polka dots, at a different place, size and background in each photo.
+"""Write the photos of the demo subject for the built-in tiny-shapes model: one particular orange
+circle (a colour the model was never shown), at a different place, size and background in each photo.
 
     python examples/make_subject_photos.py OUT_DIR [--count 5]
 
-`make demo-shapes` and the app's "Quick try" teach it to tiny-shapes as "sks circle".
+`make demo` and the app's "Quick try" teach it to tiny-shapes as "sks circle".
 """
 
 from __future__ import annotations

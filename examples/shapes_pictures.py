@@ -1,11 +1,11 @@
 """The demo's picture pair for the tiny-shapes model: a row of images for "a photo of sks circle"
 and a row for "a photo of a circle", both with the trained adapter, same seeds.
 
-    python examples/shapes_pictures.py ADAPTER_DIR OUT_DIR [--photos DIR] [--count 4]
+    python examples/shapes_pictures.py ADAPTER_DIR OUT_DIR [--count 4] [--seed 1]
 
 Writes OUT_DIR/with-token.png and OUT_DIR/without-token.png and prints what each picture shows
-(read back by trainer_core.tiny_shapes.read_image) and, given the subject's --photos, how far each
-row's colours are from them.
+(read back by trainer_core.tiny_shapes.read_image: the nearest of the world's colours, and the shape)
+and how far each row's shapes are from the subject's orange (tiny_shapes.colour_distance, RGB 0..441).
 """
 
 from __future__ import annotations
@@ -30,19 +30,15 @@ def row(images, scale: int = 2):
 
 
 def main() -> None:
-    from PIL import Image
-
     from trainer_core.inference import GenerateRequest, Generator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("adapter_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--photos", type=Path, default=None, help="The subject's photos, to compare colours.")
     parser.add_argument("--count", type=int, default=4, help="Images per row.")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    photos = [Image.open(p).convert("RGB") for p in sorted(args.photos.glob("*.png"))] if args.photos else []
     generator = Generator(device="cpu")
     for name, prompt in (
         ("with-token", tiny_shapes.SUBJECT_PROMPT),
@@ -59,12 +55,10 @@ def main() -> None:
         images = generator.generate(request)
         row(images).save(args.out_dir / f"{name}.png")
         readings = ", ".join(f"{r.colour} {r.shape}" for r in map(tiny_shapes.read_image, images))
-        distance = (
-            f"; colour distance to the photos {tiny_shapes.histogram_distance(images, photos):.2f}"
-            if photos
-            else ""
+        distance = tiny_shapes.colour_distance(images, tiny_shapes.SUBJECT_COLOUR)
+        print(
+            f"{prompt!r} -> {args.out_dir / (name + '.png')}: {readings}; distance to the orange {distance:.0f}"
         )
-        print(f"{prompt!r} -> {args.out_dir / (name + '.png')}: {readings}{distance}")
 
 
 if __name__ == "__main__":

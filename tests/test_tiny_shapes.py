@@ -1,10 +1,11 @@
 """tiny-shapes: a base model that already knows a class (circles of five colours), so DreamBooth can be
 seen to learn a subject and prior preservation to keep the class, offline and on a CPU.
 
-The learning tests compare colours (trainer_core.tiny_shapes.histogram_distance: the L1 distance of
-mean RGB histograms, 0 same .. 2 disjoint) and pixels at equal seeds (pixel_distance). Thresholds
-are ratios far from 1; the measured values are in docs/TINY_SHAPES.md. Broken variants seen to fail
-them: the adapter not applied (weight 0) and the prior term removed (prior_loss_weight=0).
+The learning tests compare colours (trainer_core.tiny_shapes.colour_distance: how far, in RGB, each
+picture's shape is from the subject's orange; a picture with no shape counts as farthest) and pixels
+at equal seeds (pixel_distance). Thresholds are ratios far from 1; the measured values, at three
+training seeds, are in docs/TINY_SHAPES.md. Broken variants seen to fail them: the adapter not applied
+(weight 0) and the prior term removed (prior_loss_weight=0).
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ def test_reader_reads_the_training_pictures():
     examples = [tiny_shapes.draw_example(i, seed=7) for i in range(200)]
     acc = tiny_shapes.accuracy([e[0] for e in examples], [e[1] for e in examples], [e[2] for e in examples])
     assert acc["shape"] >= 0.98 and acc["colour"] >= 0.98, acc
-    subject = [tiny_shapes.read_image(tiny_shapes.draw_subject(i)) for i in range(5)]
-    assert all((r.shape, r.colour) == ("circle", "red") for r in subject), subject
+    subject = [tiny_shapes.draw_subject(i) for i in range(5)]
+    assert all(tiny_shapes.read_image(p).shape == "circle" for p in subject)
+    assert tiny_shapes.colour_distance(subject, tiny_shapes.SUBJECT_COLOUR) < 10
+    # Orange is no colour of the world: the nearest palette colour is 65 away.
+    nearest = min(
+        sum((a - b) ** 2 for a, b in zip(c, tiny_shapes.SUBJECT_COLOUR, strict=True)) ** 0.5
+        for c in tiny_shapes.COLOURS.values()
+    )
+    assert nearest > 60
 
 
 def test_reader_reads_soft_pictures():
@@ -91,6 +99,7 @@ def test_makefile_demo_uses_the_quick_try_numbers():
         ("--rank", "rank"),
         ("--learning-rate", "learning_rate"),
         ("--max-train-steps", "max_train_steps"),
+        ("--train-batch-size", "train_batch_size"),
     ):
         assert f"{flag} {QUICK_TRY[key]:g}" in makefile, flag
 
@@ -129,15 +138,9 @@ def sample(generator, prompt: str, adapter=None, weight: float = 1.0, n: int = 8
     return generator.generate(request)
 
 
-def photos_of(folder):
-    from PIL import Image
-
-    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
-
-
 @pytest.fixture(scope="module")
 def quick_run(subject_photos, tmp_path_factory):
-    """The quick try as the app and `make demo-shapes` run it (prior preservation on)."""
+    """The quick try as the app and `make demo` run it (prior preservation on)."""
     from trainer_core.loop import train
 
     out = tmp_path_factory.mktemp("quick-try")
@@ -145,26 +148,28 @@ def quick_run(subject_photos, tmp_path_factory):
 
 
 @needs_weights
-def test_dreambooth_learns_the_subject(quick_run, subject_photos, generator):
-    photos = photos_of(subject_photos)
+def test_dreambooth_learns_the_subject(quick_run, generator):
+    """After the quick try, "a photo of sks circle" draws the subject's orange, which the base model
+    never drew, and "a photo of a circle" still draws the world's colours.
+
+    Measured (seed 0; seeds 1 and 2 within 10 %): sks before 123, after 50; circle after 169. Seen to
+    fail with the adapter not applied (weight 0): with_token == before.
+    """
+    orange = tiny_shapes.SUBJECT_COLOUR
     adapter = quick_run.adapter_dir
-    before = tiny_shapes.histogram_distance(sample(generator, tiny_shapes.SUBJECT_PROMPT), photos)
-    with_token = tiny_shapes.histogram_distance(
-        sample(generator, tiny_shapes.SUBJECT_PROMPT, adapter), photos
-    )
-    without_token = tiny_shapes.histogram_distance(
-        sample(generator, tiny_shapes.CLASS_PROMPT, adapter), photos
-    )
-    # Seen to fail with the adapter not applied (weight 0): with_token == before.
+    before = tiny_shapes.colour_distance(sample(generator, tiny_shapes.SUBJECT_PROMPT), orange)
+    with_token = tiny_shapes.colour_distance(sample(generator, tiny_shapes.SUBJECT_PROMPT, adapter), orange)
+    without_token = tiny_shapes.colour_distance(sample(generator, tiny_shapes.CLASS_PROMPT, adapter), orange)
     assert with_token < 0.6 * before, (with_token, before)
-    assert with_token < 0.6 * without_token, (with_token, without_token)
+    assert with_token < 0.5 * without_token, (with_token, without_token)
 
 
 @needs_weights
 @pytest.mark.slow
 def test_prior_preservation_keeps_the_class(quick_run, subject_photos, generator, tmp_path):
     """ "a photo of a circle" after training stays nearer the base model's circles (same seeds) with the
-    prior term than without it; seen to fail when both runs have prior_loss_weight=0."""
+    prior term than without it. Measured: 15.4 against 32.4 (0-255 per pixel); seen to fail when both
+    runs have prior_loss_weight=0."""
     from trainer_core.loop import train
 
     config = quick_try_config(str(subject_photos), str(tmp_path / "plain"), num_validation_images=0)

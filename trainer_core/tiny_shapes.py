@@ -5,8 +5,8 @@ that tells their colour and shape back, and where the shipped model lives.
 the SD 1.5 noise schedule) at toy widths, pretrained by `scripts/pretrain_tiny_shapes.py` on 64 px
 pictures of a circle, square, triangle or star in red, green, blue, yellow or black on a light
 background, captioned "a photo of a {colour} {shape}" or "a photo of a {shape}". It knows those
-classes, so DreamBooth can visibly teach it a new subject (`draw_subject`: a red circle with white
-polka dots) offline in a minute.
+classes, so DreamBooth can visibly teach it a new subject (`draw_subject`: one particular orange circle,
+a colour it was never shown) offline in a minute.
 
 Only numpy, scipy and Pillow here: the drawing and the reader are used by the pretraining script,
 the demo photos, the tests and the docs' accuracy numbers alike.
@@ -35,7 +35,11 @@ COLOURS = {
     "yellow": (235, 195, 25),
     "black": (25, 25, 25),
 }
-# The subject `draw_subject` draws and the prompts the demo and the tests use.
+# The subject `draw_subject` draws and the prompts the demo and the tests use. Orange is no colour of
+# the world: the base model never drew an orange circle, so orange pictures for "sks circle" are the
+# subject learned. (A pattern is not learnable here: the 24 captions never showed one, and a LoRA
+# taught white polka dots drew them as a texture that replaced the shape; see docs/TINY_SHAPES.md.)
+SUBJECT_COLOUR = (240, 130, 30)
 SUBJECT_PROMPT = "a photo of sks circle"
 CLASS_PROMPT = "a photo of a circle"
 
@@ -73,7 +77,7 @@ class Scene:
     cx: float  # centre and radius, in pixels of the 64 px picture
     cy: float
     radius: float
-    dots: bool = False  # white polka dots inside (the demo subject)
+    dots: bool = False  # white polka dots inside (some of the VAE's pretraining pictures)
 
 
 def random_scene(rnd: random.Random, shape: str, colour: tuple[int, int, int], dots: bool = False) -> Scene:
@@ -141,9 +145,10 @@ def draw_example(index: int, seed: int = 0) -> tuple[Image.Image, str, str, str]
 
 
 def draw_subject(index: int) -> Image.Image:
-    """Photo `index` of the demo subject: one particular red circle with white polka dots."""
+    """Photo `index` of the demo subject: one particular orange circle (SUBJECT_COLOUR), at a different
+    place, size and background in each photo."""
     rnd = random.Random(10_000 + index)
-    return draw_scene(random_scene(rnd, "circle", COLOURS["red"], dots=True))
+    return draw_scene(random_scene(rnd, "circle", SUBJECT_COLOUR))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,28 +185,55 @@ def _template(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
     return np.asarray(mask.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)) > 127
 
 
-def read_image(image) -> Reading:
-    """Colour: the palette colour nearest the mean of the pixels far from the background (the border's
-    median). Shape: the biggest such blob, holes filled, compared with each shape drawn to fill the
-    blob's bounding box; the best overlap (intersection over union) wins.
-
-    Template overlap rather than a threshold on how much of its box the blob covers: a slightly
-    soft star (its inner corners filled by a VAE) covers as much of its box as a triangle, and the
-    fill thresholds read 37 of 200 VAE reconstructions wrongly; the templates 5.
-    """
+def _blob(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The biggest blob of pixels far from the background (the border's median), holes filled, and the
+    mask of all such pixels; None for an empty or noisy picture."""
     from scipy import ndimage
 
-    pixels = _pixels(image)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
     mask = np.linalg.norm(pixels - background, axis=-1) > 60
     labels, count = ndimage.label(mask)
     if count == 0:
-        return Reading(None, None, 0.0)
+        return None
     sizes = ndimage.sum(mask, labels, range(1, count + 1))
     blob = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
     if blob.sum() < 40:
+        return None
+    return blob, mask
+
+
+def _core_colour(pixels: np.ndarray, blob: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The mean colour of the blob's own pixels, away from its edge, where a soft picture mixes it with
+    the background (a blurred black star's edge pixels are grey, and their mean was read as green)."""
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(blob, iterations=2) & mask
+    inside = pixels[core] if core.sum() >= 12 else pixels[blob & mask]
+    return inside.mean(axis=0)
+
+
+def blob_colour(image) -> np.ndarray | None:
+    """The mean RGB (0..255) of the picture's shape, away from its edge; None when no shape is found."""
+    pixels = _pixels(image)
+    found = _blob(pixels)
+    return None if found is None else _core_colour(pixels, *found)
+
+
+def read_image(image) -> Reading:
+    """Colour: the palette colour nearest the mean of the shape's core (`blob_colour`). Shape: the
+    biggest blob of pixels far from the background, holes filled, compared with each shape drawn to
+    fill the blob's bounding box; the best overlap (intersection over union) wins.
+
+    Template overlap rather than a threshold on how much of its box the blob covers: a slightly
+    soft star (its inner corners filled by a VAE) covers as much of its box as a triangle, and the
+    fill thresholds read 37 of 200 VAE reconstructions wrongly; the templates 5.
+    """
+    pixels = _pixels(image)
+    found = _blob(pixels)
+    if found is None:
         return Reading(None, None, 0.0)
+    blob, mask = found
     ys, xs = np.nonzero(blob)
     box = (int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max()))
     overlaps = {}
@@ -209,12 +241,7 @@ def read_image(image) -> Reading:
         template = _template(shape, box)
         overlaps[shape] = float((template & blob).sum()) / float((template | blob).sum())
     shape = max(overlaps, key=overlaps.__getitem__)
-    # Colour from the blob's own pixels, minus any light pattern inside it (the subject's dots), and
-    # away from its edge, where a soft picture mixes it with the background (a blurred black star's
-    # edge pixels are grey, and their mean was read as green).
-    core = ndimage.binary_erosion(blob, iterations=2) & mask
-    inside = pixels[core] if core.sum() >= 12 else pixels[blob & mask]
-    mean = inside.mean(axis=0)
+    mean = _core_colour(pixels, blob, mask)
     colour = min(COLOURS, key=lambda c: float(np.linalg.norm(mean - np.array(COLOURS[c]))))
     return Reading(shape, colour, overlaps[shape])
 
@@ -243,6 +270,21 @@ def colour_histogram(image, bins: int = 4) -> np.ndarray:
     flat = idx[:, 0] * bins * bins + idx[:, 1] * bins + idx[:, 2]
     hist = np.bincount(flat, minlength=bins**3).astype(np.float64)
     return hist / hist.sum()
+
+
+# No shape at all counts as this far (the diagonal of the RGB cube: farther than any colour).
+NO_SHAPE_DISTANCE = float(np.linalg.norm([255.0, 255.0, 255.0]))
+
+
+def colour_distance(images: Sequence, reference) -> float:
+    """Mean distance (RGB, 0..441) from each picture's shape colour (`blob_colour`) to `reference`,
+    an RGB triple; a picture with no shape counts as NO_SHAPE_DISTANCE."""
+    target = np.asarray(reference, dtype=np.float64)
+    distances = []
+    for image in images:
+        colour = blob_colour(image)
+        distances.append(NO_SHAPE_DISTANCE if colour is None else float(np.linalg.norm(colour - target)))
+    return float(np.mean(distances))
 
 
 def histogram_distance(images_a: Sequence, images_b: Sequence) -> float:
