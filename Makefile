@@ -24,7 +24,7 @@ LINT_PATHS := trainer_core dreambooth_ui app.py tests bench examples scripts
 HOST ?= 127.0.0.1
 PORT ?= 7860
 DATA ?= data
-BASE_MODEL ?= tiny-sd15
+BASE_MODEL ?= tiny-shapes
 
 # pytest exits 5 when it collected no tests; that is a failure here, but say so plainly.
 define pytest_or_explain

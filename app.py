@@ -4,7 +4,7 @@
 
 Photos, training runs, adapters and generated images live under --data-dir. Nothing in it is
 served by path: the page gets copies of what a handler returns, one user's only to that user (see
-README "Who can do what"). Offline, the built-in `tiny-sd15` model lets you try every step.
+README "Who can do what"). Offline, the built-in `tiny-shapes` model (it knows simple coloured shapes) lets you try every step.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--base-model",
-        default="tiny-sd15",
-        help="Default base model: a Hub id, a local diffusers folder, a .safetensors file, or tiny-sd15 (offline test model).",
+        default="tiny-shapes",
+        help="Default base model: a Hub id, a local diffusers folder, a .safetensors file, tiny-shapes "
+        "(built in, knows simple coloured shapes) or tiny-sd15 (offline test model, produces noise).",
     )
     return p.parse_args(argv)
 

@@ -401,6 +401,31 @@ class Studio:
         result["class_noun"] = class_noun
         return result
 
+    # The example photo set: the demo subject of the built-in tiny-shapes model (make demo's).
+    EXAMPLE_SET = "orange-circle-example"
+
+    def prepare_example_photos(self, emit=None) -> dict[str, Any]:
+        """Five photos of one particular orange circle, drawn here (trainer_core.tiny_shapes), prepared
+        as a photo set for tiny-shapes ("sks circle"): the first try needs no photos of one's own.
+        Preparing it again returns the set as it is (any edits kept)."""
+        import tempfile
+
+        from trainer_core.tiny_shapes import MODEL_ID, draw_subject
+
+        try:
+            report = self.dataset_report(self.EXAMPLE_SET)
+        except UserError:
+            with tempfile.TemporaryDirectory() as tmp:
+                paths = []
+                for i in range(5):
+                    paths.append(Path(tmp) / f"orange-circle-{i + 1}.png")
+                    draw_subject(i).save(paths[-1])
+                return self.prepare_photos(
+                    paths, self.EXAMPLE_SET, token="sks", class_noun="circle", subject_type="object",
+                    base_model=MODEL_ID, emit=emit,
+                )  # fmt: skip
+        return {**report, "token": "sks", "class_noun": "circle"}
+
     def list_datasets(self) -> list[str]:
         found = [p for p in self.datasets_dir.iterdir() if (p / "report.json").is_file()]
         return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]

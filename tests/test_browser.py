@@ -648,3 +648,73 @@ def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app, tmp_pat
         narrow,
         overflow,
     )
+
+
+@pytest.mark.slow
+def test_the_first_try_learns_the_orange_circle(browser, tmp_path):
+    """Issue 19, as a new user meets it: the example photos (one orange circle) in one click, the
+    Quick try on tiny-shapes, then Generate shows orange circles for "a photo of sks circle" with the
+    sampling tiny-shapes needs, and "Compare" shows the circle without the token in the world's colours."""
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    from trainer_core import tiny_shapes
+
+    shots = shots_dir(tmp_path)
+    demo, url, studio = launch_app(tmp_path / "data", "tiny-shapes")
+    try:
+        d = browser
+        d.get(url)
+        wait_until(lambda: "tiny-shapes" in d.find_element(By.ID, "base-note").text, 60, "the load's note")
+        wait_until(lambda: d.find_element(By.ID, "example-btn").is_displayed(), 60, "the example button")
+        d.find_element(By.ID, "example-btn").click()
+        wait_until(lambda: "5 photos ready" in d.find_element(By.ID, "prep-summary").text, 120, "example set")
+        noun = d.find_element(By.CSS_SELECTOR, "#class-noun input, #class-noun textarea")
+        wait_until(lambda: noun.get_attribute("value") == "circle", 30, "the class noun follows the set")
+        assert d.find_element(By.CSS_SELECTOR, "#subject-type input[value=object]").is_selected()
+        screenshot(d, shots / "5-first-try-photos.png")
+
+        click_tab(d, "Train")
+        wait_until(
+            lambda: "Quick try preset for 5 object photos" in d.find_element(By.ID, "plan").text, 60, "preset"
+        )
+        d.find_element(By.ID, "start-btn").click()
+        wait_until(lambda: studio.training_status()["state"] == "running", 120, "job running")
+        wait_until(lambda: studio.training_status()["state"] != "running", 600, "the run to end")
+        snap = studio.training_status()
+        assert snap["state"] == "finished", snap.get("message")
+        assert snap["total_steps"] == 300
+        wait_until(lambda: d.find_element(By.ID, "go-generate").is_displayed(), 120, "Open in Generate")
+        screenshot(d, shots / "6-first-try-train.png")
+        d.find_element(By.ID, "go-generate").click()
+
+        name = snap["adapter_name"]
+        wait_until(
+            lambda: d.find_element(By.CSS_SELECTOR, "#adapter-pick input").get_attribute("value") == name,
+            120,
+            "the new adapter picked",
+        )
+        wait_until(
+            lambda: (
+                d.find_element(By.CSS_SELECTOR, "#prompt textarea").get_attribute("value")
+                == tiny_shapes.SUBJECT_PROMPT
+            ),
+            30,
+            "the prompt",
+        )
+        set_number(d, "seed", 1)  # a circle of the world at this seed is red, far from the orange
+        d.find_element(By.ID, "compare-btn").click()
+        wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#images img")) >= 2, 240, "the comparison")
+        screenshot(d, shots / "7-first-try-generate.png")
+        # compare-<time>-<n>-<i>.png: i 0 the grid, 1 with the token, 2 without it.
+        made = sorted((studio.data_dir / "outputs").glob("compare-*.png"), key=lambda p: p.stem[-1])
+        singles = [Image.open(p).convert("RGB") for p in made if p.stem[-1] in "12"]
+        assert len(singles) == 2, made
+        with_token, without_token = (
+            tiny_shapes.colour_distance([im], tiny_shapes.SUBJECT_COLOUR) for im in singles
+        )
+        # The same seed: orange with the token, a colour of the world without it.
+        assert with_token < 60 < without_token, (with_token, without_token)
+        assert np.asarray(singles[0]).std() > 10
+    finally:
+        demo.close()

@@ -61,6 +61,18 @@ def check_base_model(base_model: str) -> str:
     return f"{name} will be downloaded from the Hugging Face Hub on first use (several GB)."
 
 
+def recommended_sampling(base_model: str) -> dict | None:
+    """Generation settings that suit `base_model` better than the usual ones (25 steps, guidance 7.5,
+    a negative prompt), or None. tiny-shapes was pretrained with an empty prompt as its unconditional
+    one: a negative prompt of words it never saw pulls its pictures apart (measured: the class's
+    colours 287 from the subject's orange instead of 125), and guidance 7.5 over-saturates them."""
+    if (base_model or "").strip() == "tiny-shapes":
+        from .tiny_shapes import SAMPLING
+
+        return {"steps": SAMPLING["steps"], "guidance": SAMPLING["guidance"], "negative_prompt": ""}
+    return None
+
+
 def _unet_config(base_model: str) -> dict | None:
     """The UNet's config.json of a local diffusers folder or a cached Hub model, without loading it."""
     name = (base_model or "").strip()

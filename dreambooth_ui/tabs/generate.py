@@ -10,6 +10,8 @@ from typing import Any
 
 import gradio as gr
 
+from trainer_core.planning import recommended_sampling
+
 from ..studio import Studios, UserError
 from . import bind
 
@@ -67,7 +69,7 @@ def build(studios: Studios) -> GenerateTab:
     }  # fmt: skip
     tab = GenerateTab(gallery=gallery, adapter=adapter, second_adapter=second, settings=settings, past=past)
     gallery.select(on_pick_thumb, None, adapter)
-    adapter.change(bind(on_adapter, studios), adapter, prompt)
+    adapter.change(bind(on_adapter, studios), adapter, [prompt, steps, guidance, negative])
     inputs = set(settings.values())
     results = [images, history, past]
     go.click(bind(on_generate, studios, tab), {*inputs, past}, results, api_visibility="private")
@@ -116,8 +118,14 @@ def on_pick_thumb(evt: gr.SelectData):
 
 
 def on_adapter(studios: Studios, request: gr.Request, name):
-    info = {a["name"]: a for a in studios.get(request).list_adapters()}.get(name)
-    return info["instance_prompt"] if info and info.get("instance_prompt") else gr.skip()
+    """An adapter picked: its instance prompt, and the sampling that suits its base model if that
+    differs from the usual (tiny-shapes: 20 steps, guidance 4, no negative prompt)."""
+    info = {a["name"]: a for a in studios.get(request).list_adapters()}.get(name) or {}
+    prompt = info["instance_prompt"] if info.get("instance_prompt") else gr.skip()
+    sampling = recommended_sampling(info.get("base_model") or "")
+    if not sampling:
+        return prompt, gr.skip(), gr.skip(), gr.skip()
+    return prompt, sampling["steps"], sampling["guidance"], sampling["negative_prompt"]
 
 
 def step_progress(progress) -> Callable[[int, int], None]:

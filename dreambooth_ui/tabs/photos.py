@@ -39,6 +39,11 @@ def build(studios: Studios, base_model: gr.Dropdown) -> PhotosTab:
                     type="filepath",
                     elem_id="photo-upload",
                 )
+                example = gr.Button(
+                    "No photos at hand? Use the example: one orange circle, for the tiny-shapes model",
+                    size="sm",
+                    elem_id="example-btn",
+                )
             with gr.Column(scale=1):
                 subject = gr.Radio(
                     list(SUBJECT_TYPES), value="person", label="Subject type", elem_id="subject-type"
@@ -112,13 +117,20 @@ def build(studios: Studios, base_model: gr.Dropdown) -> PhotosTab:
         dataset = gr.State("")
         removals = gr.State(0)
 
-    subject.change(lambda s: DEFAULT_NOUNS.get(s, "person"), subject, noun)
+    # `input`: a person's click on a subject type; the example set filling it in keeps its own noun.
+    subject.input(lambda s: DEFAULT_NOUNS.get(s, "person"), subject, noun)
     set_view = [summary, prepared, captions, rejected]
     editor_view = [editor, picked, picked_info, original, square, side]
     prepare.click(
         bind(on_prepare, studios),
         [files, subject, token, noun, crop, caption, name, base_model],
         [*set_view, dataset, *editor_view],
+        api_visibility="private",
+    )
+    example.click(
+        bind(on_example, studios),
+        None,
+        [*set_view, dataset, *editor_view, subject, token, noun, base_model],
         api_visibility="private",
     )
     captions.input(bind(on_caption_edit, studios), [captions, dataset], None, api_visibility="private")
@@ -158,6 +170,15 @@ def on_prepare(
         subject_type=subject, base_model=base, emit=emit,
     )  # fmt: skip
     return (*prep_views(report), report["dataset"], *_no_editor())
+
+
+def on_example(studios: Studios, request: gr.Request):
+    """The example photo set (one orange circle) prepared for tiny-shapes, and the fields that go with it."""
+    from trainer_core.tiny_shapes import MODEL_ID
+
+    report = studios.get(request).prepare_example_photos()
+    fields = ("object", report["token"], report["class_noun"], MODEL_ID)
+    return (*prep_views(report), report["dataset"], *_no_editor(), *fields)
 
 
 def on_caption_edit(studios: Studios, request: gr.Request, table, dataset: str):

@@ -8,7 +8,14 @@ from typing import Any
 
 import gradio as gr
 
-from trainer_core.config import EVAL_MODELS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, TOKEN_INITS
+from trainer_core.config import (
+    EVAL_MODELS,
+    LR_SCHEDULERS,
+    MIXED_PRECISIONS,
+    OPTIMIZERS,
+    TOKEN_INITS,
+    quick_try_settings,
+)
 
 from ..studio import Studios, UserError
 from ..views import loss_frame, plan_markdown, sample_items, scores_frame, status_html
@@ -33,10 +40,9 @@ MINIMUMS = {
 }  # fmt: skip
 
 
-# The first preset a person meets: a short run that shows the whole flow in minutes. The full preset
-# is the subject type's own (planning.preset_config). None as the base model: the page's choice.
-QUICK_TRY = {"max_train_steps": 150, "num_class_images": 25}
-QUICK_TRY_BASE_MODEL: str | None = None
+# The first preset a person meets: a short run that shows the whole flow in minutes (on tiny-shapes,
+# the numbers measured to learn a subject: config.quick_try_settings). The full preset is the
+# subject type's own (config.preset_config).
 PRESETS = ("Quick try", "Full")
 
 
@@ -249,7 +255,7 @@ def render(snap: dict[str, Any], *, poll: bool | None = None) -> tuple:
 def preset_overrides(preset: str, base: str | None) -> dict[str, Any]:
     if preset != "Quick try":
         return {"base_model": base}
-    return {**QUICK_TRY, "base_model": QUICK_TRY_BASE_MODEL or base}
+    return {**quick_try_settings((base or "").strip()), "base_model": base}
 
 
 def _plan_text(studio, config, preset: str, ds: str, subject: str) -> str:
