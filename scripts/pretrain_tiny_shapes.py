@@ -6,7 +6,7 @@ measured accuracy, to trainer_core/models/tiny-shapes.
 Deterministic for a given seed, step counts and torch build (CPU). Three stages:
 1. the VAE (SD 1.5's KL autoencoder classes at toy widths, three blocks, 4x downsampling: 64 px ->
    16x16x4 latents) learns to reconstruct 32 px crops of shapes, patterned shapes and clutter, so
-   that it also encodes subjects the diffusion model has never seen (the demo's polka-dot circle);
+   that it also encodes pictures the diffusion model has never seen (patterns, an orange circle);
 2. the text encoder stays random but fixed (as SD keeps its CLIP frozen): with a word-level
    vocabulary every caption word is one token, and the UNet learns to read those embeddings;
 3. the UNet learns noise prediction (SD 1.5's DDPM schedule) on the cached latents of the captioned
