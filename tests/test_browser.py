@@ -672,7 +672,7 @@ def test_the_first_try_learns_the_orange_circle(browser, tmp_path):
         noun = d.find_element(By.CSS_SELECTOR, "#class-noun input, #class-noun textarea")
         wait_until(lambda: noun.get_attribute("value") == "circle", 30, "the class noun follows the set")
         assert d.find_element(By.CSS_SELECTOR, "#subject-type input[value=object]").is_selected()
-        screenshot(d, shots / "5-first-try-photos.png")
+        screenshot(d, shots / "first-try-1-photos.png")
 
         click_tab(d, "Train")
         wait_until(
@@ -685,7 +685,7 @@ def test_the_first_try_learns_the_orange_circle(browser, tmp_path):
         assert snap["state"] == "finished", snap.get("message")
         assert snap["total_steps"] == 300
         wait_until(lambda: d.find_element(By.ID, "go-generate").is_displayed(), 120, "Open in Generate")
-        screenshot(d, shots / "6-first-try-train.png")
+        screenshot(d, shots / "first-try-2-train.png")
         d.find_element(By.ID, "go-generate").click()
 
         name = snap["adapter_name"]
@@ -705,7 +705,7 @@ def test_the_first_try_learns_the_orange_circle(browser, tmp_path):
         set_number(d, "seed", 1)  # a circle of the world at this seed is red, far from the orange
         d.find_element(By.ID, "compare-btn").click()
         wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "#images img")) >= 2, 240, "the comparison")
-        screenshot(d, shots / "7-first-try-generate.png")
+        screenshot(d, shots / "first-try-3-generate.png")
         # compare-<time>-<n>-<i>.png: i 0 the grid, 1 with the token, 2 without it.
         made = sorted((studio.data_dir / "outputs").glob("compare-*.png"), key=lambda p: p.stem[-1])
         singles = [Image.open(p).convert("RGB") for p in made if p.stem[-1] in "12"]
