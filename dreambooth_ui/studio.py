@@ -959,6 +959,12 @@ def report_dict(report) -> dict[str, Any]:
             for a in report.accepted
         ],
         "rejected": [{"source": Path(r.source).name, "reason": r.reason} for r in report.rejected],
+        # What the set was prepared as (a set chosen later, or after a reload, is trained as that).
+        "subject": {
+            "subject_type": report.options.subject_type,
+            "token": report.options.token,
+            "class_noun": report.options.class_noun,
+        },
     }
 
 

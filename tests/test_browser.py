@@ -620,12 +620,20 @@ def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app, tmp_pat
     a scroll bar), and the Train and Runs plots stack instead of sharing the width."""
     from selenium.webdriver.common.by import By
 
-    url, _ = gallery_app
+    url, studio = gallery_app
+    studio.prepare_example_photos()  # the advanced settings show once there is a photo set
     d = browser
     d.set_window_size(420, 1100)
     d.get(url)
     wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
     click_tab(d, "Train")
+    # The newest set is chosen on load, and planned as what it was prepared as (not the Photos tab's
+    # default "person").
+    wait_until(
+        lambda: "Quick try preset for 5 object photos" in d.find_element(By.ID, "plan").text,
+        60,
+        "the set's plan",
+    )
     wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#advanced button"), 60, "advanced settings").click()
     wait_until(lambda: d.find_element(By.CSS_SELECTOR, "#adv-steps input").is_displayed(), 60, "advanced")
     time.sleep(0.5)

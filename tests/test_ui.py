@@ -205,3 +205,45 @@ def test_photo_editor_handlers(tmp_path):
     assert sorted(p.name for p in (studios.local.datasets_dir / dataset / "originals").iterdir()) == [
         f"00{i}-dog-0{i - 1}.jpg" for i in range(1, 6)
     ]
+
+
+def test_advanced_settings_wait_for_a_photo_set(tmp_path):
+    """Before a photo set is chosen the advanced settings have no values (Gradio drew every number box
+    as 0: "Steps 0, Learning rate 0"), so they are hidden; a chosen set shows them, filled."""
+    import gradio as gr
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import photos, train
+
+    studios = Studios(tmp_path / "data")
+    with gr.Blocks() as demo:
+        base = gr.Dropdown(["tiny-shapes"], value="tiny-shapes")
+        tab = train.build(studios, base, photos.build(studios, base))
+    [accordion] = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "advanced"]
+    assert accordion.visible is False, "hidden on a fresh page"
+    args = ("object", "sks", "circle", "tiny-shapes", "Quick try")
+    text, _note, shown, *values = train.on_plan(studios, tab, None, "", *args)
+    assert "Prepare photos first" in text and shown.visible is False
+    dataset = studios.get(None).prepare_example_photos()["dataset"]
+    text, _note, shown, *values = train.on_plan(studios, tab, None, dataset, *args)
+    assert shown.visible is True and "300 steps" in text
+    filled = dict(zip(tab.settings, values, strict=True))
+    assert filled["max_train_steps"] == 300 and filled["learning_rate"] == 0.002
+
+
+def test_a_chosen_set_brings_back_its_subject(tmp_path):
+    """The Train tab plans with the Photos tab's subject type, token and noun; a set chosen later (or
+    the newest on a page load) must bring back its own, or a pet set is planned as a "person"."""
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import train
+
+    studios = Studios(tmp_path / "data")
+    dataset = studios.get(None).prepare_example_photos()["dataset"]
+    assert train.on_set_chosen(studios, None, dataset) == ("object", "sks", "circle")
+    assert train.on_set_chosen(studios, None, "") == (gr_skip(),) * 3
+
+
+def gr_skip():
+    import gradio as gr
+
+    return gr.skip()

@@ -97,7 +97,9 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
             info="Quick try: a short run to see the whole flow. Full: the settings for a real adapter.",
         )  # fmt: skip
         plan = gr.Markdown(elem_id="plan")
-        with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+        # Hidden until a photo set is chosen: before that no box has a value, and Gradio draws an
+        # empty number box as 0 ("Steps 0, Learning rate 0"), which reads as the settings.
+        with gr.Accordion("Advanced settings", open=False, elem_id="advanced", visible=False) as advanced:
             settings = _settings_boxes()
         with gr.Row():
             start = gr.Button("Start training", variant="primary", elem_id="start-btn")
@@ -140,7 +142,7 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
         preset.change,
     ):
         trigger(
-            bind(on_plan, studios, tab), tab.plan_inputs, [plan, eval_note, *settings.values()],
+            bind(on_plan, studios, tab), tab.plan_inputs, [plan, eval_note, advanced, *settings.values()],
             api_visibility="private",
         )  # fmt: skip
     # Whether the rounds will be scored: the preset's setting (above), then the person's choice. Not
@@ -149,6 +151,12 @@ def build(studios: Studios, base_model: gr.Dropdown, photos: PhotosTab) -> Train
         bind(on_eval_note, studios), settings["eval_models"], eval_note, api_visibility="private"
     )
     photos.dataset.change(bind(on_prepared, studios), photos.dataset, dataset)
+    # A set chosen (or the newest one on a page load): its subject type, token and noun come back, so
+    # the preset is the set's own and not whatever the Photos tab last showed.
+    dataset.change(
+        bind(on_set_chosen, studios), dataset, [photos.subject, photos.token, photos.noun],
+        api_visibility="private",
+    )  # fmt: skip
     # The estimate follows the settings as the person edits them (`input`: not when a preset fills them).
     estimate_inputs = {*tab.plan_inputs, adapter_name, *settings.values()}
     for box in settings.values():
@@ -267,13 +275,14 @@ def on_plan(studios: Studios, tab: TrainTab, request: gr.Request, ds, subject, t
     studio = studios.get(request)
     if not ds:
         return ("Prepare photos first; the settings follow from the subject type and photo count.",
-                gr.skip(), *[gr.skip()] * len(tab.settings))  # fmt: skip
+                gr.skip(), gr.Accordion(visible=False), *[gr.skip()] * len(tab.settings))  # fmt: skip
     config = studio.plan_training(
         ds, subject_type=subject, token=token, class_noun=noun, **preset_overrides(preset, base)
     )
     return (
         _plan_text(studio, config, preset, ds, subject),
         studio.eval_note(config.eval_models),
+        gr.Accordion(visible=True),
         *[getattr(config, key) for key in tab.settings],
     )
 
@@ -292,6 +301,15 @@ def on_estimate(studios: Studios, tab: TrainTab, request: gr.Request, values: di
 
 def on_eval_note(studios: Studios, request: gr.Request, eval_models):
     return studios.get(request).eval_note(eval_models)
+
+
+def on_set_chosen(studios: Studios, request: gr.Request, ds):
+    """The subject type, trigger token and class noun the set was prepared with (each kept as it is
+    when the set does not say: sets prepared before these were recorded, or without a type)."""
+    if not ds:
+        return gr.skip(), gr.skip(), gr.skip()
+    subject = studios.get(request).dataset_report(ds)["subject"]
+    return tuple(subject.get(key) or gr.skip() for key in ("subject_type", "token", "class_noun"))
 
 
 def on_prepared(studios: Studios, request: gr.Request, ds):
