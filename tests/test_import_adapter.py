@@ -185,3 +185,53 @@ def test_peft_keys_import(adapters, tmp_path):
     got = _pipeline(model)
     got.load_lora_weights(str(folder))
     assert np.abs(_image(got) - _image(pipe)).max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("base", "layout"), [("tiny-sd15", "kohya"), ("tiny-shapes", "kohya"), ("tiny-sdxl", "peft")]
+)
+def test_locon_import_keeps_its_convolutions(base, layout, tiny_model, tmp_path):
+    """A kohya LoCon (LoRA on the ResNet convolutions as well as attention, the LyCORIS layout many
+    shared files use) imports whole: the imported folder loads every module back, convolutions
+    included, and gives the image diffusers gives from the file itself.
+
+    tiny-shapes' first UNet block has no attention (as SDXL's): diffusers' converter renamed the
+    attention keys to lora.down/up and left the conv keys lora_A/B, the file's first key was a conv
+    one, and reloading the saved folder then read it as peft keys and loaded the 28 conv modules of
+    84 (SDXL: 16 of 48), the attention dropped without a word."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_model if base == "tiny-sd15" else base
+    pipe = _pipeline(model)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
+    gen = torch.Generator().manual_seed(3)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+    tensors, modules = {}, set()
+    for key, value in get_peft_model_state_dict(pipe.unet).items():
+        module, _, kind = key.rpartition(".lora_")
+        modules.add(module)
+        if layout == "peft":  # SDXL: a diffusers/peft file (kohya's SDXL files use the original names)
+            tensors[f"unet.{key}"] = value.contiguous()
+            continue
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    convs = {m for m in modules if ".resnets." in m}
+    assert convs and len(convs) < len(modules)
+    save_file(tensors, str(tmp_path / "locon.safetensors"))
+
+    folder = import_adapter(tmp_path / "locon.safetensors", str(model), tmp_path / "store")
+    got = _pipeline(model)
+    got.load_lora_weights(str(folder))
+    loaded = {n for n, m in got.unet.named_modules() if isinstance(m, LoraLayer)}
+    assert loaded == modules, (len(loaded), len(modules))
+    want = _pipeline(model)
+    want.load_lora_weights(str(tmp_path / "locon.safetensors"))
+    plain = _image(_pipeline(model))
+    assert np.abs(_image(want) - plain).max() > 1e-2
+    assert np.abs(_image(got) - _image(want)).max() < 1e-3

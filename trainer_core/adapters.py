@@ -286,7 +286,7 @@ def save_adapter(
             dora_scales.update(_dora_scales(encoders[key], prefix, peft_adapter))
 
     save_kwargs: dict[str, Any] = dict(
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_lora),
+        unet_lora_layers=_diffusers_unet_keys(unet_lora, convert_state_dict_to_diffusers),
         unet_lora_adapter_metadata=unet_cfg.to_dict(),
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
@@ -361,6 +361,21 @@ def save_adapter(
                 shutil.copyfile(p, tmp / "samples" / p.name)
         (tmp / "README.md").write_text(model_card(info))
     return adapter_dir
+
+
+def _diffusers_unet_keys(unet_lora: dict[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA keys for the diffusers file, in one style.
+
+    diffusers' converter renames attention modules' lora_A/B to lora.down/up but leaves others (the
+    ResNet convolutions of an imported LoCon) as they are. diffusers' loader decides the style of a
+    whole file from its first key: where that is a conv module (a UNet whose first block has no
+    attention, as SDXL's), the lora.down/up modules were silently not loaded. A file with modules the
+    converter does not rename keeps peft's lora_A/B keys throughout, which diffusers' loader reads as they are.
+    """
+    converted = convert(unet_lora)
+    if any(".lora_A." in key or ".lora_B." in key for key in converted):
+        return dict(unet_lora)
+    return converted
 
 
 def _has_lora(model) -> bool:
