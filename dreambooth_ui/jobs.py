@@ -111,6 +111,13 @@ class JobRunner:
         job = self._job
         return job is not None and job.state in ("running", "stopping") and self._thread is not None
 
+    def training_on(self, instance_dir: str | Path) -> bool:
+        """A job is training (or stopping) on the photos in `instance_dir`."""
+        job = self._job
+        if not self.running or job is None or job.config is None:
+            return False
+        return Path(job.config.instance_dir).resolve() == Path(instance_dir).resolve()
+
     def start(
         self, config: TrainConfig, run_id: str, *, earlier_metrics: list[dict[str, Any]] | None = None
     ) -> str:

@@ -383,8 +383,9 @@ class Studio:
             )  # fmt: skip
         except ValueError as e:
             raise UserError(_sentence(str(e))) from e
-        uploads = self.save_uploads(files)
         out = self.datasets_dir / name
+        self._check_set_not_in_use(out)  # adding rebuilds the set and swaps it in whole
+        uploads = self.save_uploads(files)
         inputs: list[Path] = list(uploads)
         if (out / REPORT_NAME).is_file():
             # Adding to an existing set: its kept originals go through again with the new photos,
@@ -485,8 +486,16 @@ class Studio:
             raise UserError(f"There is no prepared photo set called {dataset!r}; prepare photos first.")
         return folder
 
+    def _check_set_not_in_use(self, folder: Path) -> None:
+        if self.runner.training_on(folder):
+            raise UserError(
+                f"The photo set {folder.name} is being trained on right now; edit it when the run "
+                "finishes, or stop the run first."
+            )
+
     def _edit_set(self, dataset: str, fn, *args: Any) -> dict[str, Any]:
         folder = self._dataset_folder(dataset)
+        self._check_set_not_in_use(folder)
         result = report_dict(_engine_call(fn, folder, *args))
         result["dataset"] = folder.name
         return result

@@ -281,3 +281,38 @@ def test_masked_loss_from_the_app_trains_with_the_sets_masks(tmp_path):
     from trainer_core.prep import read_report
 
     assert all(a.mask for a in read_report(folder).accepted)
+
+
+def test_a_set_being_trained_on_is_not_edited(tmp_path):
+    """While a run trains on a photo set, removing, re-cropping, re-captioning or adding photos to it
+    is refused with one sentence and the set stays as it is (adding rebuilds the folder and swaps it
+    in whole under the running job); other sets stay editable, and the set is editable again after."""
+    from conftest import write_photos
+
+    from dreambooth_ui.studio import Studio, UserError
+
+    trainer = ScriptedTrainer(steps=2)
+    studio = Studio(tmp_path / "data", train_fn=trainer)
+    photos = sorted(write_photos(tmp_path / "photos", n=3).iterdir())
+    studio.prepare_photos(photos[:2], "dog", class_noun="dog", resolution=64)
+    studio.prepare_photos(photos[2:], "other", class_noun="dog", resolution=64)
+    first = studio.dataset_report("dog")["accepted"][0]["output"]
+    studio.start_training(
+        studio.plan_training("dog", subject_type="pet", class_noun="dog", max_train_steps=2)
+    )
+    wait_for(lambda: studio.training_status()["state"] == "running")
+    for edit in (
+        lambda: studio.remove_photo("dog", first),
+        lambda: studio.set_caption("dog", first, "a photo of sks dog on grass"),
+        lambda: studio.recrop_photo("dog", first, crop="center"),
+        lambda: studio.prepare_photos(photos[2:], "dog", class_noun="dog", resolution=64),
+    ):
+        with pytest.raises(UserError, match="being trained on"):
+            edit()
+    report = studio.dataset_report("dog")
+    assert len(report["accepted"]) == 2 and report["accepted"][0]["caption"] != "a photo of sks dog on grass"
+    studio.set_caption("other", studio.dataset_report("other")["accepted"][0]["output"], "another caption")
+    trainer.release(2)
+    assert studio.runner.wait(20)
+    studio.remove_photo("dog", first)
+    assert len(studio.dataset_report("dog")["accepted"]) == 1
