@@ -146,3 +146,39 @@ def test_bad_input_exits_nonzero_with_one_line(args, fragment):
     lines = [x for x in proc.stderr.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_edit_photo_removes_recrops_and_captions(tmp_path):
+    """The photo editor's edits from the command line: a caption, a crop mode, a box, a focus point,
+    and a removal; a wrong photo name or two edits at once is one sentence, the set unchanged."""
+    from trainer_core.cli import main
+    from trainer_core.prep import read_report
+
+    photos = write_photos(tmp_path / "photos", n=3)
+    out = tmp_path / "set"
+    assert main(["prep", "--input", str(photos), "--output", str(out), "--resolution", "64"]) == 0
+    first, second = (a.output for a in read_report(out).accepted[:2])
+
+    def edit(*args):
+        return main(["edit-photo", str(out), *args])
+
+    assert edit(first, "--caption", "a photo of sks dog on grass") == 0
+    assert read_report(out).accepted[0].caption == "a photo of sks dog on grass"
+    assert (out / first).with_suffix(".txt").read_text().strip() == "a photo of sks dog on grass"
+    assert edit(first, "--crop", "center") == 0
+    width, height = Image.open(tmp_path / "photos" / read_report(out).accepted[0].source.split("/")[-1]).size
+    side = min(width, height)
+    assert list(read_report(out).accepted[0].crop_box) == [(width - side) // 2, (height - side) // 2,
+                                                           (width - side) // 2 + side, (height - side) // 2 + side]  # fmt: skip
+    assert edit(first, "--box", "0,0,40,40") == 0
+    assert list(read_report(out).accepted[0].crop_box) == [0, 0, 40, 40]
+    assert edit(first, "--focus", "30,30", "--side", "20") == 0
+    assert list(read_report(out).accepted[0].crop_box) == [20, 20, 40, 40]
+    assert edit(second, "--remove") == 0
+    assert [a.output for a in read_report(out).accepted] == [first, read_report(out).accepted[1].output]
+    assert not (out / second).exists() and len(read_report(out).accepted) == 2
+    before = (out / "report.json").read_text()
+    assert edit("nope.png", "--remove") == 1
+    assert edit(first, "--remove", "--caption", "x") == 2
+    assert edit(first, "--box", "1,2,3") == 2
+    assert (out / "report.json").read_text() == before

@@ -210,6 +210,45 @@ def cmd_prep(args) -> int:
     return 0
 
 
+def cmd_edit_photo(args) -> int:
+    """One photo of a prepared set: removed, cropped again, or captioned; prints the photo's entry."""
+    from . import prep
+
+    chosen = [
+        a for a in ("remove", "crop", "box", "focus", "caption") if getattr(args, a) not in (None, False)
+    ]
+    if len(chosen) != 1:
+        raise _UsageError("give exactly one of --remove, --crop, --box, --focus or --caption")
+    folder, photo = args.set_dir, args.photo
+    if args.remove:
+        report = prep.remove_photo(folder, photo)
+    elif args.crop:
+        report = prep.recrop_auto(folder, photo, args.crop)
+    elif args.box:
+        report = prep.recrop(folder, photo, _numbers(args.box, 4, "--box"))
+    elif args.focus:
+        report = prep.recrop_around(folder, photo, _numbers(args.focus, 2, "--focus"), args.side)
+    else:
+        report = prep.set_caption(folder, photo, args.caption)
+    entry = next((a for a in report.accepted if a.output == photo), None)
+    summary = {"set": str(folder), "photos": len(report.accepted), "photo": photo, "removed": entry is None}
+    if entry is not None:
+        summary.update(caption=entry.caption, crop_box=list(entry.crop_box) if entry.crop_box else None)
+        summary["warnings"] = list(entry.warnings)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0
+
+
+def _numbers(text: str, count: int, flag: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise _UsageError(f"{flag} takes {count} numbers separated by commas, got {text!r}")
+    return values
+
+
 def cmd_train(args) -> int:
     from .loop import train
 
@@ -397,6 +436,25 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{f.metadata['help']} (default: {f.default})",
         )
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser(
+        "edit-photo",
+        help="Remove, crop again or caption one photo of a prepared set (prep's output folder).",
+        description="Edit one photo of a prepared set, as the app's photo editor does: --remove takes "
+        "it out (its square, caption, masks and kept original), --crop/--box/--focus crop it again from "
+        "its kept original, --caption replaces its caption. Prints the photo's entry as JSON.",
+    )
+    p.add_argument("set_dir", metavar="SET_DIR", help="A folder written by prep (with report.json).")
+    p.add_argument("photo", metavar="PHOTO", help="The prepared photo's file name, e.g. 003-dog.png.")
+    p.add_argument("--remove", action="store_true", help="Take the photo out of the set (no undo).")
+    p.add_argument("--crop", choices=["auto", "face", "center", "none"], help="Crop again by this mode.")
+    p.add_argument("--box", metavar="L,T,R,B", help="Crop again to this square, in the original's pixels.")
+    p.add_argument(
+        "--focus", metavar="X,Y", help="Crop again as a square centred here, in the original's pixels."
+    )
+    p.add_argument("--side", type=int, default=None, help="With --focus: the square's side in pixels.")
+    p.add_argument("--caption", help="The photo's new caption (empty: none, the instance prompt is used).")
+    p.set_defaults(func=cmd_edit_photo)
 
     p = sub.add_parser(
         "train",
