@@ -25,6 +25,10 @@ CSS = """
 /* Photos: the prepared squares take the rows they need (Gradio's gallery keeps 450 px however few
    there are); the crop training sees fills its box even when it is a tiny model's 64 px square. */
 #prepared .grid-wrap {min-height: 0 !important; height: auto !important;}
+/* Galleries: the label above the pictures, not floating over the first row (it covered them, and
+   a phone wraps it to two lines). */
+.block:has(> .gallery-container) > label[data-testid="block-label"] {position: static; margin-bottom: 6px;}
+.block:has(> .gallery-container) .grid-container.pt-6 {padding-top: 0;}
 #edit-crop .image-frame {width: 100%; justify-content: center;}
 #edit-crop img {width: min(100%, 480px) !important; height: auto !important; object-fit: contain !important;}
 /* A phone: the base-model picker and its note stack instead of squeezing side by side, and so do the

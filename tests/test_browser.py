@@ -626,6 +626,13 @@ def test_a_phone_stacks_the_settings_and_the_plots(browser, gallery_app, tmp_pat
     d.set_window_size(420, 1100)
     d.get(url)
     wait_until(lambda: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 5, 60, "tabs")
+    # The prepared squares' label (two lines at this width) sits above them, not over the first row.
+    wait_until(lambda: d.find_element(By.ID, "example-btn").is_displayed(), 60, "the example button")
+    d.find_element(By.ID, "example-btn").click()
+    wait_until(lambda: d.find_elements(By.CSS_SELECTOR, "#prepared img"), 60, "the prepared squares")
+    label = d.find_element(By.CSS_SELECTOR, "#prepared label[data-testid=block-label]").rect
+    first = d.find_element(By.CSS_SELECTOR, "#prepared img").rect
+    assert label["y"] + label["height"] <= first["y"] + 1, (label, first)
     click_tab(d, "Train")
     # The newest set is chosen on load, and planned as what it was prepared as (not the Photos tab's
     # default "person").
