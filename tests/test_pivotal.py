@@ -304,3 +304,42 @@ def test_a_checkpoint_exports_as_an_adapter_with_its_embeddings(runs, tmp_path):
     assert exported.keys() == trained.keys() == {"clip_l", "clip_g"}
     for key in trained:
         assert torch.equal(exported[key], trained[key])
+
+
+def _pooled(text_encoder, tokenizer, prompt: str) -> torch.Tensor:
+    ids = tokenizer(
+        [prompt],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        return text_encoder(ids).text_embeds[0]
+
+
+def test_sdxl_pools_the_whole_prompt_with_new_tokens(runs):
+    """The CLIP configs of SD 1.5 and SDXL on the Hub carry eos_token_id 2 (from before transformers'
+    fix #24773), and such a CLIP pools the prompt at its highest token id: the new tokens outrank the
+    end-of-text token, so SDXL's pooled embedding (text_embeds) was read at the trigger word and never
+    saw the rest of the prompt, in training and at generation. (The tiny models' own eos id is 1.
+    With the real vocabulary, prompts without new tokens pool where they did: the end-of-text token
+    is its highest id.)"""
+    from trainer_core import pivotal
+    from trainer_core.inference import describe_adapter, load_embeddings
+
+    long = "a photo of <s0><s1> cat on a red beach at night"
+    parts, _ = components.load_components("tiny-sdxl")
+    tok, te = parts["tokenizer_2"], parts["text_encoder_2"].eval()
+    te.text_model.eos_token_id = te.config.eos_token_id = 2  # as the Hub's SDXL config says
+    pivotal.add_tokens([tok], [te], ("<s0>", "<s1>"), None, 0)  # training
+    assert (_pooled(te, tok, "a photo of <s0><s1> dog") - _pooled(te, tok, long)).abs().max() > 1e-3
+
+    model_dir, _cfg, result = runs["sdxl"]
+    pipe = load_pipeline(str(model_dir), device="cpu")
+    pipe.text_encoder_2.text_model.eos_token_id = pipe.text_encoder_2.config.eos_token_id = 2
+    source = describe_adapter(result.adapter_dir)
+    load_embeddings(pipe, source, source.pivotal_tokens)  # generation
+    a, b = (_pooled(pipe.text_encoder_2, pipe.tokenizer_2, p.replace("<s0><s1>", "".join(source.pivotal_tokens)))
+            for p in ("a photo of <s0><s1> dog", long))  # fmt: skip
+    assert (a - b).abs().max() > 1e-3

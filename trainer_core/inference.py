@@ -316,7 +316,7 @@ def _text_encoder_pairs(pipe) -> list[tuple[str, Any, Any]]:
 def load_embeddings(pipe, source: AdapterSource, tokens: Sequence[str]) -> None:
     """Load a pivotal-tuning adapter's token embeddings into the pipeline under `tokens` (one per
     trained token), through diffusers' own `load_textual_inversion`, one text encoder at a time."""
-    from .pivotal import read_file
+    from .pivotal import pool_at_end_token, read_file
 
     rows = read_file(source.embeddings)
     pairs = _text_encoder_pairs(pipe)
@@ -332,6 +332,7 @@ def load_embeddings(pipe, source: AdapterSource, tokens: Sequence[str]) -> None:
             pipe.load_textual_inversion(
                 rows[name], token=list(tokens), text_encoder=text_encoder, tokenizer=tokenizer
             )
+            pool_at_end_token(tokenizer, text_encoder)
             loaded.append((text_encoder, tokenizer))
     except (ValueError, RuntimeError) as e:
         for text_encoder, tokenizer in loaded:

@@ -63,7 +63,25 @@ def add_tokens(
         embedding.register_parameter("pivotal_rows", torch.nn.Parameter(init.clone(), requires_grad=False))
         embedding.pivotal_first_id = ids[0]
         embedding.register_forward_hook(_use_rows)
+        pool_at_end_token(tok, te)
     log.info("pivotal tuning: %s start from %s", "".join(tokens), init_word or "random embeddings")
+
+
+def pool_at_end_token(tokenizer, text_encoder) -> None:
+    """Make a CLIP text encoder pool the prompt at the tokenizer's end-of-text token.
+
+    The CLIP configs of SD 1.5 and SDXL on the Hub carry eos_token_id 2 (from before transformers'
+    fix #24773), and transformers then pools at the highest token id of the prompt: tokens added
+    to the vocabulary outrank the end-of-text token, so SDXL's pooled embedding would be read at the
+    trigger word and miss the rest of the prompt. For the base vocabulary nothing changes: the
+    end-of-text token is its highest id, and its first occurrence is where argmax found it.
+    """
+    model = getattr(text_encoder, "text_model", None)
+    end = tokenizer.eos_token_id
+    if model is None or end is None or end == 2 or getattr(model, "eos_token_id", None) != 2:
+        return
+    model.eos_token_id = end
+    text_encoder.config.eos_token_id = end
 
 
 def _use_rows(module, args, output):
