@@ -3,6 +3,7 @@ adapter and run lists): HTML, Markdown, tables and plot frames. No Gradio, no st
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def color_map(series: list[str]) -> dict[str, str]:
 
 
 def esc(text: Any) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """`text` safe in HTML, in element text and in quoted attribute values alike."""
+    return html.escape(str(text), quote=True)
 
 
 def duration(seconds: float) -> str:
@@ -227,7 +229,7 @@ def adapter_cards(adapters: list[dict[str, Any]], selected: str | None, images: 
         arch = ARCHITECTURE_LABELS.get(a.get("architecture"), a.get("architecture") or "")
         token = a.get("token") or "none"
         cards.append(
-            f'<button type="button" class="adapter-card" data-adapter="{name}" data-index="{i}" '
+            f'<button type="button" class="adapter-card" data-adapter="{esc(a["name"])}" data-index="{i}" '
             f'aria-pressed="{"true" if a["name"] == selected else "false"}">{picture}'
             f'<span class="card-name">{name}</span>'
             f'<span class="card-meta">trigger <code>{esc(token)}</code></span>'

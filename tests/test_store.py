@@ -293,3 +293,39 @@ def test_store_and_inference_import_without_torch():
     code = "import sys, trainer_core.store, trainer_core.inference; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
     assert store.LORA_WEIGHT_NAME == inference.LORA_WEIGHT_NAME == adapters.LORA_WEIGHT_NAME
+
+
+def test_renaming_to_the_diffusers_file_name_keeps_both_files(store):
+    """An adapter renamed "pytorch_lora_weights" moved its kohya file onto pytorch_lora_weights.safetensors,
+    overwriting the diffusers weights (the file the app loads); the kohya copy gets its own name, as a
+    newly saved adapter of that name does."""
+    before = tree_bytes(store.root / "sks-dog")
+    renamed = store.rename("sks-dog", "pytorch_lora_weights")
+    after = tree_bytes(renamed.path)
+    assert after["pytorch_lora_weights.safetensors"] == before["pytorch_lora_weights.safetensors"]
+    assert after["pytorch_lora_weights-kohya.safetensors"] == before["sks-dog.safetensors"]
+    meta = json.loads((renamed.path / "adapter.json").read_text())
+    assert meta["files"]["kohya"] == "pytorch_lora_weights-kohya.safetensors"
+    back = store.rename("pytorch_lora_weights", "rex")
+    assert tree_bytes(back.path)["rex.safetensors"] == before["sks-dog.safetensors"]
+
+
+def test_card_attributes_escape_quotes():
+    """The gallery card puts the base model in a title="..." attribute: a quote in a local path must
+    not end it (and add attributes of its own)."""
+    from html.parser import HTMLParser
+
+    from dreambooth_ui.views import adapter_cards
+
+    base = '/models/my "best" x" onmouseover="alert(document.cookie)'
+    html = adapter_cards(
+        [{"name": "rex", "base_model": base, "token": 'a"b', "architecture": "sd15"}], None, {}
+    )
+    seen = []
+
+    class Attributes(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            seen.extend(attrs)
+
+    Attributes().feed(html)
+    assert ("title", base) in seen and "onmouseover" not in dict(seen)

@@ -33,6 +33,7 @@ import torch
 
 from .events import TrainingError, first_line
 from .fileio import atomic_directory
+from .store import kohya_file_name
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
@@ -297,10 +298,7 @@ def save_adapter(
         save_kwargs[f"{key}_lora_adapter_metadata"] = encoders[key].peft_config[peft_adapter].to_dict()
     pipeline_class = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
-    # An adapter named like the diffusers file must not overwrite it with its kohya copy.
-    kohya_file = (
-        f"{name}.safetensors" if f"{name}.safetensors" != LORA_WEIGHT_NAME else f"{name}-kohya.safetensors"
-    )
+    kohya_file = kohya_file_name(name)
     embeddings_file = f"{name}_emb.safetensors" if token_embeddings else None
     if token_embeddings:
         check_finite(token_embeddings, "token embeddings")

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 # gallery imports it at module level); adapters' helpers are imported where they are used.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
+
+def kohya_file_name(name: str) -> str:
+    """The kohya file of an adapter called `name`: `<name>.safetensors`, except for an adapter named
+    like the diffusers file, which must not be overwritten by its kohya copy."""
+    file = f"{name}.safetensors"
+    return file if file != LORA_WEIGHT_NAME else f"{name}-kohya.safetensors"
+
+
 TRASH = ".trash"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # What goes to the Hub: the weights in both formats, the metadata, samples and the card.
@@ -313,11 +321,12 @@ def _retitle(folder: Path, name: str) -> None:
     old = meta.get("name")
     files = dict(meta.get("files") or {})
     old_kohya = folder / str(files.get("kohya") or f"{old}.safetensors")
-    if old == name and old_kohya.name == f"{name}.safetensors":
+    if old == name and old_kohya.name == kohya_file_name(name):
         return
     if old_kohya.is_file() and old_kohya.parent == folder:
-        os.rename(old_kohya, folder / f"{name}.safetensors")
-        files["kohya"] = f"{name}.safetensors"
+        kohya = kohya_file_name(name)  # never the diffusers file's own name
+        os.rename(old_kohya, folder / kohya)
+        files["kohya"] = kohya
     old_embeddings = folder / str(files.get("embeddings") or f"{old}_emb.safetensors")
     if files.get("embeddings") and old_embeddings.is_file() and old_embeddings.parent == folder:
         os.rename(old_embeddings, folder / f"{name}_emb.safetensors")
