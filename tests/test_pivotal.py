@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,3 +344,32 @@ def test_sdxl_pools_the_whole_prompt_with_new_tokens(runs):
     a, b = (_pooled(pipe.text_encoder_2, pipe.tokenizer_2, p.replace("<s0><s1>", "".join(source.pivotal_tokens)))
             for p in ("a photo of <s0><s1> dog", long))  # fmt: skip
     assert (a - b).abs().max() > 1e-3
+
+
+def test_two_pivotal_adapters_with_one_trigger_both_get_it_in_request_order(runs, tmp_path, monkeypatch):
+    """Two active pivotal adapters trained with the same trigger word (the presets' "sks"): the word
+    becomes both adapters' tokens, in the request's order. Before, the first adapter loaded took the
+    word alone, so the second's tokens never reached the prompt, and which one won depended on what
+    ran earlier (load order, not the request)."""
+    from trainer_core import inference
+
+    _model_dir, _cfg, result = runs["sd15"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(result.adapter_dir, a)
+    shutil.copytree(result.adapter_dir, b)
+    prompts = []
+
+    def capture(pipe, prompt, **kwargs):
+        prompts.append(prompt)
+        return []
+
+    monkeypatch.setattr(inference, "generate", capture)
+    gen = Generator(device="cpu")
+    base = GenerateRequest(base_model=str(runs["sd15"][0]), prompt="a photo of sks dog", steps=1, seed=1)
+    gen.generate(dataclasses.replace(base, adapters=((str(b), 1.0),)))  # b loaded first
+    gen.generate(dataclasses.replace(base, adapters=((str(a), 0.5), (str(b), 0.5))))
+    gen.generate(dataclasses.replace(base, adapters=((str(b), 0.5), (str(a), 0.5))))
+    resident = next(iter(gen._pipelines.values()))
+    tokens = {Path(key).name: "".join(t) for key, (_, t) in resident.embeddings.items()}
+    assert prompts[1] == f"a photo of {tokens['a']}{tokens['b']} dog", prompts
+    assert prompts[2] == f"a photo of {tokens['b']}{tokens['a']} dog", prompts

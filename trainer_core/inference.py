@@ -346,15 +346,28 @@ def unload_embeddings(pipe, tokens: Sequence[str]) -> None:
         pipe.unload_textual_inversion(list(tokens), tokenizer=tokenizer, text_encoder=text_encoder)
 
 
-def rewrite_prompt(prompt: str, source: AdapterSource, tokens: Sequence[str]) -> str:
-    """`prompt` with the adapter's trigger word, and the tokens it was trained as, set to `tokens`."""
+def rewrite_prompt(prompt: str, active: Sequence[tuple[AdapterSource, Sequence[str]]]) -> str:
+    """`prompt` with each active pivotal adapter's trigger word, and the tokens it was trained as, set
+    to the tokens it is loaded under. Adapters that share a trigger (the presets all use "sks") or
+    trained tokens each get theirs there, one after another in the order given (the request's)."""
     from .config import replace_word
 
-    joined = "".join(tokens)
-    if source.trigger:
-        prompt = replace_word(prompt, source.trigger, joined)
-    trained = "".join(source.pivotal_tokens)
-    return prompt.replace(trained, joined) if trained and trained != joined else prompt
+    by_trigger: dict[str, str] = {}
+    by_trained: dict[str, str] = {}
+    for source, tokens in active:
+        joined = "".join(tokens)
+        if source.trigger:
+            key = source.trigger.lower()
+            by_trigger[key] = by_trigger.get(key, "") + joined
+        trained = "".join(source.pivotal_tokens)
+        if trained:
+            by_trained[trained] = by_trained.get(trained, "") + joined
+    for trigger, joined in by_trigger.items():
+        prompt = replace_word(prompt, trigger, joined)
+    for trained, joined in by_trained.items():
+        if trained != joined:
+            prompt = prompt.replace(trained, joined)
+    return prompt
 
 
 def _drop_partial(pipe, name: str) -> None:
@@ -625,6 +638,8 @@ class Generator:
                 tokens = tuple(f"<{source.pipeline_name}-{i}>" for i in range(len(source.pivotal_tokens)))
                 load_embeddings(resident.pipe, source, tokens)
                 resident.embeddings[key] = (source, tokens)
+        # In the request's order: a trigger the adapters share gets their tokens in that order.
+        resident.embeddings = {key: resident.embeddings[key] for key in wanted}
 
     def _drop_embeddings(self, resident: _Resident, key: str) -> None:
         loaded = resident.embeddings.pop(key, None)
@@ -655,12 +670,9 @@ class Generator:
     ) -> list:
         # A fresh scheduler per request: multistep samplers keep state between steps.
         resident.pipe.scheduler = make_scheduler(request.scheduler, resident.scheduler_config)
-        prompt, negative = request.prompt, request.negative_prompt
-        for source, tokens in resident.embeddings.values():
-            prompt, negative = (
-                rewrite_prompt(prompt, source, tokens),
-                rewrite_prompt(negative, source, tokens),
-            )
+        active = list(resident.embeddings.values())
+        prompt = rewrite_prompt(request.prompt, active)
+        negative = rewrite_prompt(request.negative_prompt, active)
         return generate(
             resident.pipe,
             prompt,
