@@ -373,3 +373,19 @@ def test_two_pivotal_adapters_with_one_trigger_both_get_it_in_request_order(runs
     tokens = {Path(key).name: "".join(t) for key, (_, t) in resident.embeddings.items()}
     assert prompts[1] == f"a photo of {tokens['a']}{tokens['b']} dog", prompts
     assert prompts[2] == f"a photo of {tokens['b']}{tokens['a']} dog", prompts
+
+
+def test_weight_zero_is_the_base_model_for_a_pivotal_adapter(runs):
+    """compare_weights' "weight 0" cell must be the base model: a pivotal adapter at weight 0 kept its
+    token embeddings and rewrote the prompt with them, so the cell showed the trained tokens' effect."""
+    model_dir, _cfg, result = runs["sd15"]
+    gen = Generator(device="cpu")
+    request = GenerateRequest(
+        base_model=str(model_dir), prompt="a photo of sks dog", steps=3, seed=5,
+        adapters=((str(result.adapter_dir), 1.0),),
+    )  # fmt: skip
+    _grid, cells = gen.compare_weights(request, weights=(0.0, 1.0))
+    plain = gen.generate(dataclasses.replace(request, adapters=()))[0]
+    zero, full = (np.asarray(image, dtype=np.int16) for _, image in cells)
+    assert np.abs(zero - np.asarray(plain, dtype=np.int16)).max() <= 1
+    assert np.abs(full - zero).max() > 2

@@ -623,7 +623,9 @@ class Generator:
         pipe.set_adapters(
             [s.pipeline_name for s in sources], adapter_weights=[weight for _, weight in request.adapters]
         )
-        self._sync_embeddings(resident, sources)
+        # At weight 0 an adapter is off, its trigger word included: no tokens of its own in the prompt.
+        on = [s for s, (_, weight) in zip(sources, request.adapters, strict=True) if float(weight) != 0.0]
+        self._sync_embeddings(resident, on)
         return resident
 
     def _sync_embeddings(self, resident: _Resident, sources: list[AdapterSource]) -> None:
