@@ -389,3 +389,12 @@ def test_weight_zero_is_the_base_model_for_a_pivotal_adapter(runs):
     zero, full = (np.asarray(image, dtype=np.int16) for _, image in cells)
     assert np.abs(zero - np.asarray(plain, dtype=np.int16)).max() <= 1
     assert np.abs(full - zero).max() > 2
+
+
+def test_new_tokens_start_from_the_class_noun_despite_stray_punctuation(tiny_model, photos, tmp_path):
+    """A class prompt ending in a lone "." (or a "," after the trigger) gave "" as the class noun, and the
+    new tokens silently started from random embeddings instead."""
+    cfg = _pivotal_config(tiny_model, photos, tmp_path, class_prompt="a photo of a dog .")
+    assert cfg.pivotal_init_word == "dog"
+    cfg = dataclasses.replace(cfg, class_prompt=None, token="sks", instance_prompt="a photo of sks , dog")
+    assert cfg.pivotal_init_word == "dog"

@@ -442,7 +442,8 @@ class TrainConfig:
 
 
 def _words(text: str) -> list[str]:
-    return [w.strip(",.").lower() for w in text.split()]
+    """The prompt's words, lower case, without a leading or trailing "," or "." (a lone one is no word)."""
+    return [w for w in (w.strip(",.").lower() for w in text.split()) if w]
 
 
 def replace_word(prompt: str, word: str, replacement: str) -> str:
