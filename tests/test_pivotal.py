@@ -398,3 +398,18 @@ def test_new_tokens_start_from_the_class_noun_despite_stray_punctuation(tiny_mod
     assert cfg.pivotal_init_word == "dog"
     cfg = dataclasses.replace(cfg, class_prompt=None, token="sks", instance_prompt="a photo of sks , dog")
     assert cfg.pivotal_init_word == "dog"
+
+
+def test_the_gallery_offers_the_embeddings_of_a_pivotal_adapter(runs, tmp_path):
+    """AUTOMATIC1111 and ComfyUI need the token embeddings beside the LoRA file for the trigger word to
+    mean the subject: the Gallery offered only the LoRA file (the embeddings were only in the zip)."""
+    from dreambooth_ui.studio import Studio
+    from dreambooth_ui.tabs.gallery import downloads_of
+
+    studio = Studio(tmp_path / "data")
+    studio.store.add(runs["sd15"][2].adapter_dir)
+    info = studio.list_adapters()[0]
+    buttons = downloads_of(studio, info)
+    shown = {Path(b.value["path"] if isinstance(b.value, dict) else b.value).name for b in buttons if b.visible}
+    name = info["name"]
+    assert {f"{name}.safetensors", f"{name}_emb.safetensors", "pytorch_lora_weights.safetensors"} <= shown, shown

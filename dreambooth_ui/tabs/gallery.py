@@ -79,6 +79,9 @@ def build(studios: Studios) -> GalleryTab:
                                       elem_id="download-weights"),
                     gr.DownloadButton("Download for A1111 / ComfyUI (.safetensors)", visible=False, size="md",
                                       elem_id="download-single-file"),
+                    # Pivotal tuning: A1111 and ComfyUI need these beside the LoRA for the trigger word.
+                    gr.DownloadButton("Download the token embeddings (A1111 / ComfyUI)", visible=False,
+                                      size="md", elem_id="download-embeddings"),
                     gr.DownloadButton("Download everything (.zip)", visible=False, size="md",
                                       elem_id="download-zip"),
                 ]  # fmt: skip
@@ -145,19 +148,40 @@ def card_images(adapters: list[dict]) -> dict[str, str]:
 
 
 def downloads_of(studio: Studio, info: dict | None) -> list:
-    """The three download buttons for the selected adapter: the diffusers weights, the kohya-style file
-    for AUTOMATIC1111 / ComfyUI and a zip of the folder (hidden where there is no such file)."""
+    """The download buttons for the selected adapter: the diffusers weights, the kohya-style file for
+    AUTOMATIC1111 / ComfyUI, a pivotal adapter's token embeddings (those tools need them beside the
+    LoRA) and a zip of the folder; each hidden where there is no such file."""
     if not info:
-        return [gr.DownloadButton(value=None, visible=False)] * 3
+        return [gr.DownloadButton(value=None, visible=False)] * 4
     folder = Path(info["folder"])
-    weights = folder / LORA_WEIGHT_NAME
-    single = [p for p in sorted(folder.glob("*.safetensors")) if p.name != LORA_WEIGHT_NAME]
+    named = adapter_files(folder)
+    if not named.get("kohya"):  # an adapter.json from before "files" was written: the file's own name
+        single = [p.name for p in sorted(folder.glob("*.safetensors"))
+                  if p.name != LORA_WEIGHT_NAME and not p.name.endswith("_emb.safetensors")]  # fmt: skip
+        named["kohya"] = single[0] if single else ""
     files = [
-        weights if weights.is_file() else None,
-        single[0] if single else None,
-        studio.export_adapter(info["name"]),
+        folder / LORA_WEIGHT_NAME,
+        folder / named["kohya"] if named.get("kohya") else None,
+        folder / named["embeddings"] if named.get("embeddings") else None,
     ]
+    files = [f if f is not None and f.is_file() and f.parent == folder else None for f in files]
+    files.append(studio.export_adapter(info["name"]))
     return [gr.DownloadButton(value=str(f) if f else None, visible=f is not None) for f in files]
+
+
+def adapter_files(folder: Path) -> dict[str, str]:
+    """adapter.json's "files" (kohya, embeddings: file names in the folder); {} when unreadable."""
+    import json
+
+    try:
+        files = json.loads((folder / "adapter.json").read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return (
+        {k: Path(str(v)).name for k, v in files.items() if isinstance(v, str)}
+        if isinstance(files, dict)
+        else {}
+    )
 
 
 def on_pick_card(studios: Studios, request: gr.Request, evt: gr.SelectData):
