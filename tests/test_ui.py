@@ -247,3 +247,17 @@ def gr_skip():
     import gradio as gr
 
     return gr.skip()
+
+
+def test_a_set_without_a_subject_type_leaves_the_fields(tmp_path):
+    """A set prepared without a subject type (the CLI's default) records prep's default noun, which
+    may not be what was meant: choosing it keeps the page's fields."""
+    from conftest import write_photos
+
+    from dreambooth_ui.studio import Studios
+    from dreambooth_ui.tabs import train
+
+    studios = Studios(tmp_path / "data")
+    photos = sorted(write_photos(tmp_path / "photos", n=2).iterdir())
+    studios.get(None).prepare_photos(photos, "old", class_noun="dog", resolution=64)
+    assert train.on_set_chosen(studios, None, "old") == (gr_skip(),) * 3

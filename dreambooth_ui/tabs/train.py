@@ -304,11 +304,14 @@ def on_eval_note(studios: Studios, request: gr.Request, eval_models):
 
 
 def on_set_chosen(studios: Studios, request: gr.Request, ds):
-    """The subject type, trigger token and class noun the set was prepared with (each kept as it is
-    when the set does not say: sets prepared before these were recorded, or without a type)."""
+    """The subject type, trigger token and class noun the set was prepared with. A set with no subject
+    type recorded (prepared before it was, or from the command line without one) leaves the fields as
+    they are: its token and noun may be prep's defaults rather than what was meant."""
     if not ds:
         return gr.skip(), gr.skip(), gr.skip()
     subject = studios.get(request).dataset_report(ds)["subject"]
+    if not subject.get("subject_type"):
+        return gr.skip(), gr.skip(), gr.skip()
     return tuple(subject.get(key) or gr.skip() for key in ("subject_type", "token", "class_noun"))
 
 
