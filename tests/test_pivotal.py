@@ -410,6 +410,10 @@ def test_the_gallery_offers_the_embeddings_of_a_pivotal_adapter(runs, tmp_path):
     studio.store.add(runs["sd15"][2].adapter_dir)
     info = studio.list_adapters()[0]
     buttons = downloads_of(studio, info)
-    shown = {Path(b.value["path"] if isinstance(b.value, dict) else b.value).name for b in buttons if b.visible}
+    shown = {
+        Path(b.value["path"] if isinstance(b.value, dict) else b.value).name for b in buttons if b.visible
+    }
     name = info["name"]
-    assert {f"{name}.safetensors", f"{name}_emb.safetensors", "pytorch_lora_weights.safetensors"} <= shown, shown
+    assert {f"{name}.safetensors", f"{name}_emb.safetensors", "pytorch_lora_weights.safetensors"} <= shown, (
+        shown
+    )
