@@ -417,3 +417,28 @@ def test_the_gallery_offers_the_embeddings_of_a_pivotal_adapter(runs, tmp_path):
     assert {f"{name}.safetensors", f"{name}_emb.safetensors", "pytorch_lora_weights.safetensors"} <= shown, (
         shown
     )
+
+
+def test_a_plain_lora_sharing_the_trigger_still_sees_its_word(runs, tmp_path, monkeypatch):
+    """Blending a pivotal adapter with a plain LoRA trained on the same word ("sks"): the pivotal one
+    gets its tokens and the plain one keeps the word it was trained on. Before, the word was replaced
+    by the pivotal tokens, so the plain LoRA never saw its trigger."""
+    from lora_fixtures import lora_adapter
+
+    from trainer_core import inference
+
+    model_dir, _cfg, result = runs["sd15"]
+    plain = lora_adapter(model_dir, tmp_path / "plain", 3, token="sks")
+    prompts = []
+    monkeypatch.setattr(inference, "generate", lambda pipe, prompt, **kw: prompts.append(prompt) or [])
+    gen = Generator(device="cpu")
+    request = GenerateRequest(
+        base_model=str(model_dir), prompt="a photo of sks dog", steps=1, seed=1,
+        adapters=((str(result.adapter_dir), 0.5), (str(plain), 0.5)),
+    )  # fmt: skip
+    gen.generate(request)
+    resident = next(iter(gen._pipelines.values()))
+    [(_, tokens)] = resident.embeddings.values()
+    assert prompts == [f"a photo of {''.join(tokens)} sks dog"]
+    gen.generate(dataclasses.replace(request, adapters=((str(result.adapter_dir), 1.0),)))
+    assert prompts[-1] == f"a photo of {''.join(tokens)} dog", "alone, the word is the tokens only"

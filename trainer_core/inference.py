@@ -223,7 +223,8 @@ class AdapterSource:
     architecture: str | None  # None: not recorded (a bare LoRA folder)
     version: tuple[int, int]  # (mtime_ns, size) of the weights: a retrained folder reloads
     pipeline_name: str  # the adapter_name inside the pipeline: unique per path, no dots (peft keys)
-    # pivotal tuning: the token embeddings file, the tokens it was trained as, and the trigger word
+    # pivotal tuning: the token embeddings file and the tokens it was trained as; the trigger word
+    # (a plain LoRA's too, when its adapter.json names it)
     embeddings: Path | None = None
     pivotal_tokens: tuple[str, ...] = ()
     trigger: str | None = None
@@ -247,6 +248,8 @@ def describe_adapter(path: str | Path) -> AdapterSource:
         if name and info.get("pivotal_tokens"):
             embeddings = folder / name
             pivotal = {"tokens": info["pivotal_tokens"], "trigger": info.get("token")}
+        else:
+            pivotal = {"trigger": info.get("token")}  # a plain LoRA's trigger word, to keep in prompts
     elif (folder / "lora.safetensors").is_file() and read_state(folder) is not None:
         weights = folder / "lora.safetensors"
         state = read_state(folder) or {}
@@ -346,10 +349,14 @@ def unload_embeddings(pipe, tokens: Sequence[str]) -> None:
         pipe.unload_textual_inversion(list(tokens), tokenizer=tokenizer, text_encoder=text_encoder)
 
 
-def rewrite_prompt(prompt: str, active: Sequence[tuple[AdapterSource, Sequence[str]]]) -> str:
+def rewrite_prompt(
+    prompt: str, active: Sequence[tuple[AdapterSource, Sequence[str]]], keep: Iterable[str] = ()
+) -> str:
     """`prompt` with each active pivotal adapter's trigger word, and the tokens it was trained as, set
     to the tokens it is loaded under. Adapters that share a trigger (the presets all use "sks") or
-    trained tokens each get theirs there, one after another in the order given (the request's)."""
+    trained tokens each get theirs there, one after another in the order given (the request's). A
+    trigger in `keep` (an active plain LoRA's, trained on the word itself) stays after the tokens."""
+    keep = {word.lower() for word in keep}
     from .config import replace_word
 
     by_trigger: dict[str, str] = {}
@@ -363,7 +370,7 @@ def rewrite_prompt(prompt: str, active: Sequence[tuple[AdapterSource, Sequence[s
         if trained:
             by_trained[trained] = by_trained.get(trained, "") + joined
     for trigger, joined in by_trigger.items():
-        prompt = replace_word(prompt, trigger, joined)
+        prompt = replace_word(prompt, trigger, f"{joined} {trigger}" if trigger in keep else joined)
     for trained, joined in by_trained.items():
         if trained != joined:
             prompt = prompt.replace(trained, joined)
@@ -429,6 +436,7 @@ class _Resident:
     lora_disabled: bool = False  # after a plain-base request
     # pivotal tuning: the active adapters' token embeddings, loaded under tokens of their own
     embeddings: dict[str, tuple[AdapterSource, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
+    plain_triggers: frozenset[str] = frozenset()  # the active plain LoRAs' trigger words
 
 
 class Generator:
@@ -612,6 +620,7 @@ class Generator:
                 pipe.disable_lora()
                 resident.lora_disabled = True
             self._sync_embeddings(resident, [])
+            resident.plain_triggers = frozenset()
             return resident
         wanted = {str(s.path) for s in sources}
         for source in sources:
@@ -626,6 +635,7 @@ class Generator:
         # At weight 0 an adapter is off, its trigger word included: no tokens of its own in the prompt.
         on = [s for s, (_, weight) in zip(sources, request.adapters, strict=True) if float(weight) != 0.0]
         self._sync_embeddings(resident, on)
+        resident.plain_triggers = frozenset(s.trigger for s in on if s.embeddings is None and s.trigger)
         return resident
 
     def _sync_embeddings(self, resident: _Resident, sources: list[AdapterSource]) -> None:
@@ -673,8 +683,8 @@ class Generator:
         # A fresh scheduler per request: multistep samplers keep state between steps.
         resident.pipe.scheduler = make_scheduler(request.scheduler, resident.scheduler_config)
         active = list(resident.embeddings.values())
-        prompt = rewrite_prompt(request.prompt, active)
-        negative = rewrite_prompt(request.negative_prompt, active)
+        prompt = rewrite_prompt(request.prompt, active, resident.plain_triggers)
+        negative = rewrite_prompt(request.negative_prompt, active, resident.plain_triggers)
         return generate(
             resident.pipe,
             prompt,
