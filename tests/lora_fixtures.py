@@ -74,3 +74,26 @@ def lora_checkpoint(tiny_model: Path, run: Path, seed: int, step: int) -> Path:
         state={"base_model": str(tiny_model), "rank": 4, "alpha": 8.0, "train_text_encoder": False},
         total_limit=None,
     )
+
+
+def stop_after(n: int):
+    """A `should_stop` for train() that asks to stop at its n-th call (train asks once a step)."""
+    calls = {"n": 0}
+
+    def should_stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= n
+
+    return should_stop
+
+
+def assert_same_weights(dir_a: Path, dir_b: Path, name: str = "pytorch_lora_weights.safetensors") -> dict:
+    """The safetensors file `name` of two folders holds the same tensors (a resumed run against a
+    straight one: equal to float rounding); returns the first folder's tensors."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(dir_a) / name)), load_file(str(Path(dir_b) / name))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    return a

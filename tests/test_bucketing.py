@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Probe, base_config
+from lora_fixtures import assert_same_weights, stop_after
 from PIL import Image
 
 from trainer_core.buckets import BUCKET_STEP, batches_per_epoch, make_buckets, nearest_bucket, plan_epoch
@@ -201,8 +202,6 @@ def test_stopped_and_resumed_bucketed_run_equals_a_straight_run(tiny_model, clas
     there is no sampler state to save; a sampler that kept its place in memory fails this test."""
     import dataclasses
 
-    from safetensors.torch import load_file
-
     folder = _mixed_photos(tmp_path / "raw")
     cfg = base_config(
         tiny_model,
@@ -216,18 +215,8 @@ def test_stopped_and_resumed_bucketed_run_equals_a_straight_run(tiny_model, clas
         random_flip=True,
     )
     straight = train(cfg)
-    calls = {"n": 0}
-
-    def stop_after_2():
-        calls["n"] += 1
-        return calls["n"] >= 2
-
     split = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"))
-    assert train(split, should_stop=stop_after_2).summary["steps"] == 2
+    assert train(split, should_stop=stop_after(2)).summary["steps"] == 2
     resumed = train(dataclasses.replace(split, resume_from_checkpoint="latest"))
     assert resumed.status == "finished" and resumed.summary["steps"] == 4
-    a = load_file(str(straight.adapter_dir / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(resumed.adapter_dir / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_weights(straight.adapter_dir, resumed.adapter_dir)

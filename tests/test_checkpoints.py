@@ -8,25 +8,12 @@ import json
 import pytest
 import torch
 from conftest import base_config
+from lora_fixtures import assert_same_weights, stop_after
 from safetensors.torch import load_file
 
 from trainer_core import checkpoints
 from trainer_core.events import TrainingError
 from trainer_core.loop import train
-
-
-def _lora(folder):
-    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
-
-
-def _stop_after(n):
-    calls = {"n": 0}
-
-    def should_stop():
-        calls["n"] += 1
-        return calls["n"] >= n
-
-    return should_stop
 
 
 def test_stop_and_resume_equals_straight_run(tiny_model, photos, class_dir, tmp_path):
@@ -44,7 +31,7 @@ def test_stop_and_resume_equals_straight_run(tiny_model, photos, class_dir, tmp_
     straight = train(cfg)
 
     split_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"))
-    first = train(split_cfg, should_stop=_stop_after(4))
+    first = train(split_cfg, should_stop=stop_after(4))
     assert first.status == "stopped" and first.summary["steps"] == 4
     assert (tmp_path / "split" / "adapter" / "pytorch_lora_weights.safetensors").is_file(), (
         "stop saves an adapter"
@@ -53,10 +40,7 @@ def test_stop_and_resume_equals_straight_run(tiny_model, photos, class_dir, tmp_
     second = train(dataclasses.replace(split_cfg, resume_from_checkpoint="latest"))
     assert second.status == "finished" and second.summary["steps"] == 8
 
-    a, b = _lora(straight.adapter_dir), _lora(second.adapter_dir)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert_same_weights(straight.adapter_dir, second.adapter_dir)
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
 

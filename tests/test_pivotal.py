@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import base_config
+from lora_fixtures import assert_same_weights, stop_after
 from safetensors.torch import load_file
 
 from trainer_core import components
@@ -182,22 +183,13 @@ def test_resume_restores_the_embeddings(tiny_model, photos, tmp_path):
     (the checkpoint carries the new rows; their optimizer state is in its optimizer.pt)."""
     cfg = _pivotal_config(tiny_model, photos, tmp_path / "straight", train_text_encoder=True)
     straight = train(cfg)
-    calls = {"n": 0}
-
-    def stop_after_2():
-        calls["n"] += 1
-        return calls["n"] >= 2
-
     split = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"))
-    assert train(split, should_stop=stop_after_2).summary["steps"] == 2
+    assert train(split, should_stop=stop_after(2)).summary["steps"] == 2
     assert (tmp_path / "split" / "checkpoints" / "checkpoint-2" / "embeddings.safetensors").is_file()
     resumed = train(dataclasses.replace(split, resume_from_checkpoint="latest"))
     assert resumed.status == "finished" and resumed.summary["steps"] == 4
     for name in ("pytorch_lora_weights.safetensors", "sks-dog_emb.safetensors"):
-        a, b = load_file(str(straight.adapter_dir / name)), load_file(str(resumed.adapter_dir / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        assert_same_weights(straight.adapter_dir, resumed.adapter_dir, name)
     # A checkpoint of a pivotal run is not resumed by a run without it (nor with other token counts).
     from trainer_core.events import TrainingError
 

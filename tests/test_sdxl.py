@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import base_config
+from lora_fixtures import assert_same_weights, stop_after
 from safetensors.torch import load_file
 
 from trainer_core.components import assemble_pipeline, load_components
@@ -255,24 +256,15 @@ def test_both_text_encoder_loras_round_trip(trained_te, tiny_sdxl, photos):
 
 def test_resume_with_both_text_encoders_equals_straight_run(trained_te, tmp_path):
     cfg = trained_te["cfg"]
-    calls = {"n": 0}
-
-    def stop_after_3():
-        calls["n"] += 1
-        return calls["n"] >= 3
-
     split = dataclasses.replace(cfg, output_dir=str(tmp_path / "split"), checkpointing_steps=0)
-    first = train(split, should_stop=stop_after_3)
+    first = train(split, should_stop=stop_after(3))
     assert first.status == "stopped" and first.summary["steps"] == 3
     ckpt = load_file(str(tmp_path / "split" / "checkpoints" / "checkpoint-3" / "lora.safetensors"))
     assert {k.split(".")[0] for k in ckpt} == {"unet", "text_encoder", "text_encoder_2"}
     second = train(dataclasses.replace(split, resume_from_checkpoint="latest"))
     assert second.summary["steps"] == 6
-    a = load_file(str(trained_te["result"].adapter_dir / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(second.adapter_dir / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    a = assert_same_weights(trained_te["result"].adapter_dir, second.adapter_dir)
+    assert any(k.startswith("text_encoder_2.") for k in a)
 
 
 def test_nan_latents_name_the_image(tiny_sdxl, photos, class_dir, tmp_path):
