@@ -263,15 +263,6 @@ def accuracy(images: Sequence, shapes: Sequence[str | None], colours: Sequence[s
 # ---------------------------------------------------------------------------------------------
 
 
-def colour_histogram(image, bins: int = 4) -> np.ndarray:
-    """Normalised joint RGB histogram (bins per channel), a picture's colour make-up."""
-    pixels = _pixels(image).reshape(-1, 3)
-    idx = np.clip((pixels * bins / 256).astype(int), 0, bins - 1)
-    flat = idx[:, 0] * bins * bins + idx[:, 1] * bins + idx[:, 2]
-    hist = np.bincount(flat, minlength=bins**3).astype(np.float64)
-    return hist / hist.sum()
-
-
 # No shape at all counts as this far (the diagonal of the RGB cube: farther than any colour).
 NO_SHAPE_DISTANCE = float(np.linalg.norm([255.0, 255.0, 255.0]))
 
@@ -285,13 +276,6 @@ def colour_distance(images: Sequence, reference) -> float:
         colour = blob_colour(image)
         distances.append(NO_SHAPE_DISTANCE if colour is None else float(np.linalg.norm(colour - target)))
     return float(np.mean(distances))
-
-
-def histogram_distance(images_a: Sequence, images_b: Sequence) -> float:
-    """L1 distance between the mean colour histograms of two sets of pictures (0 same .. 2 disjoint)."""
-    a = np.mean([colour_histogram(im) for im in images_a], axis=0)
-    b = np.mean([colour_histogram(im) for im in images_b], axis=0)
-    return float(np.abs(a - b).sum())
 
 
 def pixel_distance(images_a: Sequence, images_b: Sequence) -> float:
